@@ -1,0 +1,107 @@
+"""JetStream stream and consumer definitions, in one place.
+
+Plain data (no nats import): the services turn these into `nats.js.api.StreamConfig` objects.
+Streams list their subjects exactly; JetStream refuses overlapping streams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from . import subjects
+
+DAY = 24 * 3600
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    retention: Literal["limits", "workqueue"] = "limits"
+    max_age_seconds: int = 7 * DAY
+    duplicate_window_seconds: int = 2 * 60
+    description: str = ""
+
+
+AGENT_COMMANDS = StreamSpec(
+    name="AGENT_COMMANDS",
+    subjects=(
+        "agent.*.job.execute",
+        "agent.*.restore.execute",
+        "agent.*.verify.execute",
+        "agent.*.prune.execute",
+        "agent.*.job.cancel",
+    ),
+    retention="workqueue",
+    # a command nobody picked up within a day is stale; the API's watchdog has failed its run long before
+    max_age_seconds=1 * DAY,
+    description="API → agent durable commands; each agent pulls from its own durable consumer",
+)
+
+AGENT_REPORTS = StreamSpec(
+    name="AGENT_REPORTS",
+    subjects=(subjects.ALL_REPORTS,),
+    max_age_seconds=7 * DAY,
+    # reports retried by an agent after a long outage must still be deduplicated
+    duplicate_window_seconds=1 * DAY,
+    description="agent → API run reports (untrusted; the API checks ownership and transitions)",
+)
+
+CONTROL = StreamSpec(
+    name="CONTROL",
+    subjects=(subjects.BACKUP_REQUESTED, subjects.VERIFY_REQUESTED),
+    max_age_seconds=1 * DAY,
+    duplicate_window_seconds=1 * DAY,
+    description="scheduler → API requests",
+)
+
+EVENT_TYPES: tuple[str, ...] = (
+    "backup.started",
+    "backup.completed",
+    "backup.partial",
+    "backup.failed",
+    "backup.overdue",
+    "restore.started",
+    "restore.completed",
+    "restore.failed",
+    "verify.completed",
+    "verify.failed",
+    "presence.online",
+    "presence.offline",
+)
+
+EVENTS = StreamSpec(
+    name="EVENTS",
+    subjects=EVENT_TYPES,
+    max_age_seconds=30 * DAY,
+    duplicate_window_seconds=1 * DAY,
+    description="API → notifier and live clients: committed domain events",
+)
+
+ALL_STREAMS: tuple[StreamSpec, ...] = (AGENT_COMMANDS, AGENT_REPORTS, CONTROL, EVENTS)
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream: str
+    durable: str
+    filter_subjects: tuple[str, ...] = field(default_factory=tuple)
+    ack_wait_seconds: int = 30
+    max_deliver: int = 20
+
+
+API_REPORTS_CONSUMER = ConsumerSpec(stream=AGENT_REPORTS.name, durable="api-reports")
+API_CONTROL_CONSUMER = ConsumerSpec(stream=CONTROL.name, durable="api-control")
+
+
+def agent_commands_consumer(agent_id: str) -> ConsumerSpec:
+    """Created by the API at enrollment; the agent only binds to it."""
+    return ConsumerSpec(
+        stream=AGENT_COMMANDS.name,
+        durable=f"agent-{agent_id}",
+        filter_subjects=(subjects.agent_commands_filter(agent_id),),
+        # the agent acks a command once it has reported `started`; the watchdog handles the rest
+        ack_wait_seconds=60,
+        max_deliver=5,
+    )

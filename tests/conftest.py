@@ -1,0 +1,32 @@
+"""Session fixtures: one real nats-server and one real PostgreSQL per test session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import NatsServer, PostgresServer, running_postgres, start_nats
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = start_nats(tmp_path_factory.mktemp("nats"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    # postgres must be able to reach its data dir: pytest's base temp is private to root, so use /tmp
+    base = tmp_path_factory.getbasetemp()
+    base.chmod(0o755)
+    base.parent.chmod(0o755)
+    with running_postgres(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
