@@ -138,6 +138,19 @@ class DbTestReply(Message):
     error: str | None = None
 
 
+class StorageTestRequest(Message):
+    """API → agent `rpc.storage.test`: can the agent write, read back and delete in this storage?"""
+
+    request_id: str
+    storage: StorageTarget  # secrets sealed with seal_info("rpc", request_id)
+
+
+class StorageTestReply(Message):
+    ok: bool
+    error_code: str | None = None
+    error: str | None = None
+
+
 # ---------------------------------------------------------------- reports (AGENT_REPORTS)
 
 
