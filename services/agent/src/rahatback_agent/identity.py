@@ -1,0 +1,103 @@
+"""The agent's identity file: who it is, where the control plane is, and its X25519 private key.
+
+The file holds a private key, so it is written 0600 atomically and refused when others can read it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class IdentityError(Exception):
+    """The identity file is missing, unsafe or malformed; the message says what to do."""
+
+
+class AgentIdentity(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    agent_id: str
+    org_id: str
+    nats_url: str
+    api_url: str
+    name: str
+    x25519_private_key_b64: str
+
+    def __repr__(self) -> str:  # keep the private key out of tracebacks and logs
+        return f"AgentIdentity(agent_id={self.agent_id!r}, org_id={self.org_id!r}, name={self.name!r})"
+
+    __str__ = __repr__
+
+    @property
+    def private_key(self) -> X25519PrivateKey:
+        return X25519PrivateKey.from_private_bytes(base64.b64decode(self.x25519_private_key_b64))
+
+    @property
+    def public_key_b64(self) -> str:
+        return public_key_b64(self.private_key)
+
+
+def generate_private_key() -> X25519PrivateKey:
+    return X25519PrivateKey.generate()
+
+
+def private_key_b64(key: X25519PrivateKey) -> str:
+    raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    return base64.b64encode(raw).decode()
+
+
+def public_key_b64(key: X25519PrivateKey) -> str:
+    return base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+
+
+def save_identity(identity: AgentIdentity, path: Path, *, force: bool = False) -> None:
+    """Write the identity with mode 0600 via a temp file + os.replace, so no reader ever sees a
+    half-written or briefly world-readable key."""
+    path = path.expanduser()
+    if path.exists() and not force:
+        raise IdentityError(
+            f"{path} already holds an agent identity; pass --force to replace it "
+            "(the old agent will stop receiving commands)"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp_name = tempfile.mkstemp(prefix=".agent-", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(identity.model_dump(), indent=2) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def load_identity(path: Path) -> AgentIdentity:
+    path = path.expanduser()
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise IdentityError(
+            f"no agent identity at {path}: run `rahatback-agent enroll --api URL --token TOKEN` first"
+        ) from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise IdentityError(
+            f"{path} is readable by other users (mode {stat.S_IMODE(mode):04o}) and holds the agent's "
+            f"private key; run `chmod 600 {path}`"
+        )
+    try:
+        return AgentIdentity.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        problems = exc.error_count()
+        raise IdentityError(f"{path} is not a valid agent identity: {problems} field error(s)") from None

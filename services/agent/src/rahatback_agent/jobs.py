@@ -1,0 +1,392 @@
+"""Backup and restore orchestration, and the two connection-test RPCs.
+
+Thin on purpose: secrets are opened here, the engine and storage are picked here, and the bytes are
+moved by `pipeline`. Every function returns the report to send; only cancellation propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import typing
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from rahatback_contracts.messages import (
+    BackupCommand,
+    BackupCompleted,
+    BackupFailed,
+    DbTestReply,
+    DbTestRequest,
+    RestoreCommand,
+    RestoreCompleted,
+    RestoreFailed,
+    Stage,
+    StorageTestReply,
+    StorageTestRequest,
+    seal_info,
+)
+from rahatback_contracts.messages import Engine as EngineName
+
+from . import __version__
+from .artifact import ArtifactError
+from .engines.base import Connection, Engine, EngineError
+from .sealing import SealingError, open_job_key, open_optional
+from .storages.base import StorageError
+from .storages.registry import SUPPORTED_KINDS, get_storage
+
+log = structlog.get_logger("rahatback_agent.jobs")
+
+DB_TEST_TIMEOUT_SECONDS = 30.0
+STORAGE_TEST_TIMEOUT_SECONDS = 60.0
+
+
+@dataclass
+class ProgressState:
+    """Latest counters of one running job; the supervisor turns them into throttled Progress messages.
+    Written by pipeline callbacks (possibly from a worker thread): plain int stores only."""
+
+    kind: Literal["backup", "restore"]
+    run_id: str
+    stage: Stage = "queued"
+    bytes_in: int = 0
+    bytes_out: int = 0
+    started_monotonic: float = field(default_factory=time.monotonic)
+
+    def update(self, bytes_in: int, bytes_out: int) -> None:
+        self.bytes_in = bytes_in
+        self.bytes_out = bytes_out
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def get_engine(name: str) -> Engine:
+    from .engines.registry import get_engine as registry_get_engine
+
+    try:
+        return registry_get_engine(name)
+    except EngineError:
+        raise
+    except Exception:
+        raise EngineError("bad_settings", f"this agent does not support {name!r} databases") from None
+
+
+def supported_engines() -> list[EngineName]:
+    found: list[EngineName] = []
+    for name in typing.get_args(EngineName):
+        try:
+            get_engine(name)
+        except Exception:  # noqa: S112 - an engine this build does not have is simply not advertised
+            continue
+        found.append(name)
+    return found
+
+
+def supported_storages() -> list[Literal["local", "s3", "gdrive"]]:
+    return [kind for kind in ("local", "s3", "gdrive") if kind in SUPPORTED_KINDS]
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def sanitize_segment(value: str, fallback: str) -> str:
+    cleaned = _UNSAFE.sub("_", value).strip("._")
+    return cleaned or fallback
+
+
+def build_storage_key(
+    *,
+    prefix: str | None,
+    database_name: str,
+    run_id: str,
+    when: datetime,
+    dump_extension: str,
+    artifact_extension: str,
+) -> str:
+    """`<prefix>/<db>/<YYYY>/<MM>/<DD>/<db>_<UTC ts>_<run id>.<dump ext><artifact ext>` (DESIGN.md).
+    UTC, so names sort the same wherever the agent runs."""
+    when = when.astimezone(UTC)
+    db = sanitize_segment(database_name, "database")
+    parts = [p for p in (prefix or "").split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise StorageError("bad_settings", f"storage prefix {prefix!r} must not contain '.' or '..' segments")
+    name = f"{db}_{when:%Y%m%dT%H%M%SZ}_{sanitize_segment(run_id, 'run')}.{dump_extension.lstrip('.')}"
+    return "/".join([*parts, db, f"{when:%Y}", f"{when:%m}", f"{when:%d}", name + artifact_extension])
+
+
+def _as_str_secrets(secrets: dict[str, Any]) -> dict[str, str]:
+    return {k: v if isinstance(v, str) else str(v) for k, v in secrets.items() if v is not None}
+
+
+def _scrub(message: str, *secret_sets: dict[str, Any]) -> str:
+    """A last line of defence: an error text that somehow quotes a secret never leaves the agent."""
+    for secrets in secret_sets:
+        for value in secrets.values():
+            if isinstance(value, str) and len(value) >= 4 and value in message:
+                message = message.replace(value, "***")
+    return message
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, EngineError | StorageError):
+        return exc.message
+    if isinstance(exc, SealingError | ArtifactError):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"unexpected {type(exc).__name__}: {exc}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---------------------------------------------------------------- backup
+
+
+async def run_backup(
+    cmd: BackupCommand, *, agent_id: str, private_key: X25519PrivateKey, progress: ProgressState
+) -> BackupCompleted | BackupFailed:
+    from .pipeline import Manifest, artifact_extension, manifest_key, run_backup_pipeline
+
+    started_at = _now()
+    bound = structlog.contextvars.bound_contextvars(run_id=cmd.run_id, agent_id=agent_id)
+    db_secrets: dict[str, Any] = {}
+    storage_secrets: dict[str, Any] = {}
+    stage: Stage = "queued"
+
+    def set_stage(new: Stage) -> None:
+        nonlocal stage
+        stage = new
+        progress.stage = new
+
+    with bound:
+        try:
+            info = seal_info("run", cmd.run_id)
+            db_secrets = open_optional(private_key, cmd.database.secrets, info)
+            storage_secrets = open_optional(private_key, cmd.storage.secrets, info)
+            job_key: bytes | None = None
+            key_id: str | None = None
+            if cmd.encryption.enabled:
+                if cmd.encryption.job_key is None:
+                    raise SealingError(
+                        "encryption is enabled for this job but the command carries no job key"
+                    )
+                job_key = open_job_key(private_key, cmd.encryption.job_key, info)
+                key_id = cmd.encryption.key_id
+
+            set_stage("dumping")
+            engine = get_engine(cmd.database.engine)
+            conn = Connection(settings=dict(cmd.database.settings), secrets=_as_str_secrets(db_secrets))
+            server_version = await engine.test(conn)
+
+            storage = get_storage(cmd.storage, storage_secrets)
+            key = build_storage_key(
+                prefix=str(cmd.storage.settings.get("prefix") or ""),
+                database_name=cmd.database.name,
+                run_id=cmd.run_id,
+                when=started_at,
+                dump_extension=engine.dump_extension,
+                artifact_extension=artifact_extension(cmd.compression, job_key is not None),
+            )
+            log.info("backup starting", storage_key=key, engine=engine.name)
+            async with engine.dump(conn) as source:
+                writer = await storage.open_writer(key)
+                try:
+                    result = await run_backup_pipeline(
+                        source,
+                        writer,
+                        compression=cmd.compression,
+                        level=cmd.compression_level,
+                        job_key=job_key,
+                        key_id=key_id,
+                        on_progress=progress.update,
+                    )
+                    set_stage("finalizing")
+                    await writer.commit()
+                except BaseException:
+                    await asyncio.shield(writer.abort())
+                    raise
+
+            finished_at = _now()
+            manifest = Manifest(
+                run_id=cmd.run_id,
+                engine=engine.name,
+                server_version=server_version,
+                dump_format=engine.dump_format,
+                compression=cmd.compression,
+                encrypted=job_key is not None,
+                key_id=key_id,
+                dump_size=result.dump_size,
+                artifact_size=result.artifact_size,
+                dump_sha256=result.dump_sha256,
+                artifact_sha256=result.artifact_sha256,
+                agent_version=__version__,
+                created_at=finished_at,
+                database_name=cmd.database.name,
+            )
+            manifest_at = manifest_key(key)
+            # written only once the artifact is committed: a manifest always describes a real artifact
+            await storage.put_bytes(manifest_at, manifest.to_json())
+            log.info("backup completed", storage_key=key, artifact_size=result.artifact_size)
+            return BackupCompleted(
+                agent_id=agent_id,
+                occurred_at=finished_at,
+                run_id=cmd.run_id,
+                started_at=started_at,
+                finished_at=finished_at,
+                storage_key=key,
+                manifest_key=manifest_at,
+                dump_size=result.dump_size,
+                artifact_size=result.artifact_size,
+                dump_sha256=result.dump_sha256,
+                artifact_sha256=result.artifact_sha256,
+                server_version=server_version,
+                dump_format=engine.dump_format,
+                agent_version=__version__,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = _scrub(describe_error(exc), db_secrets, storage_secrets)
+            if isinstance(exc, EngineError | StorageError | SealingError | ArtifactError):
+                log.warning("backup failed", stage=stage, error=error)
+            else:
+                log.error(
+                    "backup failed unexpectedly", stage=stage, error=error, error_type=type(exc).__name__
+                )
+            return BackupFailed(
+                agent_id=agent_id, occurred_at=_now(), run_id=cmd.run_id, stage=stage, error=error
+            )
+
+
+# ---------------------------------------------------------------- restore
+
+
+async def run_restore(
+    cmd: RestoreCommand, *, agent_id: str, private_key: X25519PrivateKey, progress: ProgressState
+) -> RestoreCompleted | RestoreFailed:
+    from .pipeline import restore_stream
+
+    started_at = _now()
+    db_secrets: dict[str, Any] = {}
+    storage_secrets: dict[str, Any] = {}
+    stage: Stage = "queued"
+
+    def set_stage(new: Stage) -> None:
+        nonlocal stage
+        stage = new
+        progress.stage = new
+
+    with structlog.contextvars.bound_contextvars(restore_id=cmd.restore_id, agent_id=agent_id):
+        try:
+            info = seal_info("restore", cmd.restore_id)
+            db_secrets = open_optional(private_key, cmd.database.secrets, info)
+            storage_secrets = open_optional(private_key, cmd.storage.secrets, info)
+            job_key: bytes | None = None
+            if cmd.encryption is not None and cmd.encryption.job_key is not None:
+                job_key = open_job_key(private_key, cmd.encryption.job_key, info)
+            elif cmd.encrypted:
+                raise SealingError("the artifact is encrypted but the restore command carries no job key")
+
+            set_stage("downloading")
+            engine = get_engine(cmd.database.engine)
+            conn = Connection(settings=dict(cmd.database.settings), secrets=_as_str_secrets(db_secrets))
+            await engine.test(conn)
+            storage = get_storage(cmd.storage, storage_secrets)
+            log.info("restore starting", storage_key=cmd.storage_key, engine=engine.name)
+
+            def on_progress(bytes_in: int, bytes_out: int) -> None:
+                progress.update(bytes_in, bytes_out)
+                if bytes_out and progress.stage == "downloading":
+                    progress.stage = "restoring"
+
+            chunks = restore_stream(
+                storage.read(cmd.storage_key),
+                compression=cmd.compression,
+                job_key_lookup=job_key,
+                expected_artifact_sha256=cmd.artifact_sha256,
+                expected_dump_sha256=cmd.dump_sha256,
+                on_progress=on_progress,
+            )
+            set_stage("restoring")
+            bytes_restored = await engine.restore(conn, chunks)
+            finished_at = _now()
+            log.info("restore completed", bytes_restored=bytes_restored)
+            return RestoreCompleted(
+                agent_id=agent_id,
+                occurred_at=finished_at,
+                restore_id=cmd.restore_id,
+                started_at=started_at,
+                finished_at=finished_at,
+                bytes_restored=bytes_restored,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = _scrub(describe_error(exc), db_secrets, storage_secrets)
+            if isinstance(exc, EngineError | StorageError | SealingError | ArtifactError):
+                log.warning("restore failed", stage=stage, error=error)
+            else:
+                log.error(
+                    "restore failed unexpectedly", stage=stage, error=error, error_type=type(exc).__name__
+                )
+            return RestoreFailed(
+                agent_id=agent_id, occurred_at=_now(), restore_id=cmd.restore_id, stage=stage, error=error
+            )
+
+
+# ---------------------------------------------------------------- rpc
+
+
+async def test_database(request: DbTestRequest, *, private_key: X25519PrivateKey) -> DbTestReply:
+    secrets: dict[str, Any] = {}
+    started = time.monotonic()
+    try:
+        secrets = open_optional(private_key, request.database.secrets, seal_info("rpc", request.request_id))
+        engine = get_engine(request.database.engine)
+        conn = Connection(settings=dict(request.database.settings), secrets=_as_str_secrets(secrets))
+        async with asyncio.timeout(DB_TEST_TIMEOUT_SECONDS):
+            version = await engine.test(conn)
+        return DbTestReply(ok=True, server_version=version, latency_ms=(time.monotonic() - started) * 1000)
+    except EngineError as exc:
+        return DbTestReply(ok=False, error_code=exc.code, error=_scrub(exc.message, secrets))
+    except SealingError as exc:
+        return DbTestReply(ok=False, error_code="error", error=str(exc))
+    except TimeoutError:
+        return DbTestReply(
+            ok=False,
+            error_code="timeout",
+            error=f"no answer from the database within {DB_TEST_TIMEOUT_SECONDS:.0f} s",
+        )
+    except Exception as exc:
+        log.error("db.test failed unexpectedly", error_type=type(exc).__name__)
+        return DbTestReply(ok=False, error_code="error", error=_scrub(describe_error(exc), secrets))
+
+
+async def test_storage(request: StorageTestRequest, *, private_key: X25519PrivateKey) -> StorageTestReply:
+    secrets: dict[str, Any] = {}
+    try:
+        secrets = open_optional(private_key, request.storage.secrets, seal_info("rpc", request.request_id))
+        storage = get_storage(request.storage, secrets)
+        async with asyncio.timeout(STORAGE_TEST_TIMEOUT_SECONDS):
+            await storage.probe()
+        return StorageTestReply(ok=True)
+    except StorageError as exc:
+        return StorageTestReply(ok=False, error_code=exc.code, error=_scrub(exc.message, secrets))
+    except SealingError as exc:
+        return StorageTestReply(ok=False, error_code="error", error=str(exc))
+    except TimeoutError:
+        return StorageTestReply(
+            ok=False,
+            error_code="timeout",
+            error=f"storage did not answer within {STORAGE_TEST_TIMEOUT_SECONDS:.0f} s",
+        )
+    except Exception as exc:
+        log.error("storage.test failed unexpectedly", error_type=type(exc).__name__)
+        return StorageTestReply(ok=False, error_code="error", error=_scrub(describe_error(exc), secrets))

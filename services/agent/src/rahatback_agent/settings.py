@@ -1,0 +1,38 @@
+"""Agent runtime settings, from the environment (prefix `RAHATBACK_AGENT_`).
+
+Who the agent *is* (ids, keys, where the control plane lives) is in the identity file written by
+`rahatback-agent enroll`; this class only tunes how it runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_config_path() -> Path:
+    configured = os.environ.get("RAHATBACK_AGENT_CONFIG")
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".config" / "rahatback" / "agent.json"
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RAHATBACK_AGENT_", extra="ignore")
+
+    config: Path = Field(default_factory=default_config_path)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    max_concurrency: int = Field(default=2, ge=1)
+    drain_seconds: float = Field(default=60.0, ge=0)
+    log_format: Literal["console", "json"] = "console"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # overrides the identity's nats_url, e.g. when the agent reaches NATS through another address
+    nats_url: str | None = None
+    # how long one fetch waits for a command before the loop looks at the stop event again
+    fetch_timeout_seconds: float = Field(default=2.0, gt=0)
+    # a core progress message at most this often per run
+    progress_interval_seconds: float = Field(default=1.0, gt=0)

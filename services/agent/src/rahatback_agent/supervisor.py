@@ -1,0 +1,513 @@
+"""The agent's one long-running component: connect, heartbeat, answer RPCs, pull commands with
+bounded concurrency, cancel, report durably, and drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from pydantic import ValidationError
+from rahatback_contracts import streams, subjects
+from rahatback_contracts.messages import (
+    BackupCommand,
+    BackupCompleted,
+    BackupFailed,
+    BackupStarted,
+    CancelCommand,
+    DbTestReply,
+    DbTestRequest,
+    Heartbeat,
+    Progress,
+    Report,
+    RestoreCommand,
+    RestoreCompleted,
+    RestoreFailed,
+    RestoreStarted,
+    Stage,
+    StorageTestReply,
+    StorageTestRequest,
+)
+
+from . import __version__, jobs
+from .identity import AgentIdentity
+from .settings import AgentSettings
+
+log = structlog.get_logger("rahatback_agent.supervisor")
+
+CANCELLED_BY_USER = "cancelled by user"
+SHUTTING_DOWN = "agent shutting down"
+EXPIRED = "command expired before the agent picked it up"
+# after the drain deadline, how long reports of cancelled jobs may take to reach JetStream
+REPORT_GRACE_SECONDS = 30.0
+REPORT_RETRY_CAP_SECONDS = 15.0
+
+RunKind = Literal["backup", "restore"]
+
+
+@dataclass
+class RunningJob:
+    kind: RunKind
+    run_id: str
+    progress: jobs.ProgressState
+    inner: asyncio.Task[Report]
+    cancel_reason: str | None = None
+    last_sent: tuple[str, int, int] | None = None
+    last_sent_at: float = field(default_factory=time.monotonic)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Supervisor:
+    def __init__(self, identity: AgentIdentity, settings: AgentSettings) -> None:
+        self.identity = identity
+        self.settings = settings
+        self.agent_id = identity.agent_id
+        self._private_key = identity.private_key
+        self._nats_url = settings.nats_url or identity.nats_url
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._running: dict[str, RunningJob] = {}
+        self._job_tasks: set[asyncio.Task[None]] = set()
+        self._rpc_tasks: set[asyncio.Task[None]] = set()
+        self._cancelled: set[str] = set()  # cancels that arrived before their command
+        self._seen: set[str] = set()  # run ids started by this process: a redelivery never re-runs one
+        self._slot_freed = asyncio.Event()
+        self._closing = asyncio.Event()  # set once jobs are done: stops heartbeat and progress
+        self._engines = jobs.supported_engines()
+        self._storages = jobs.supported_storages()
+        self.log = log.bind(agent_id=self.agent_id)
+
+    @property
+    def running_ids(self) -> list[str]:
+        return list(self._running)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        nc = await self._connect(stop)
+        if nc is None:
+            return
+        self._nc = nc
+        self._js = nc.jetstream()
+        background = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._progress_loop(), name="progress"),
+        ]
+        await self._subscribe_rpcs(nc)
+        try:
+            await self._command_loop(stop)
+        finally:
+            await self._drain_jobs()
+            self._closing.set()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            for task in list(self._rpc_tasks):
+                task.cancel()
+            await asyncio.gather(*self._rpc_tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await nc.drain()
+            self.log.info("agent stopped")
+
+    async def _connect(self, stop: asyncio.Event) -> NATS | None:
+        async def error_cb(exc: Exception) -> None:
+            self.log.warning("nats error", error=str(exc), error_type=type(exc).__name__)
+
+        async def disconnected_cb() -> None:
+            self.log.warning("disconnected from nats; reconnecting")
+
+        async def reconnected_cb() -> None:
+            self.log.info("reconnected to nats")
+
+        backoff = 1.0
+        while not stop.is_set():
+            self.log.info("connecting to nats", url=self._nats_url)
+            # with max_reconnect_attempts=-1 nats-py retries the first connect forever by itself;
+            # racing it against `stop` keeps the agent stoppable while the server is unreachable
+            connecting = asyncio.create_task(
+                nats.connect(
+                    self._nats_url,
+                    name=f"rahatback-agent-{self.agent_id}",
+                    inbox_prefix=subjects.agent_inbox_prefix(self.agent_id),
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    error_cb=error_cb,
+                    disconnected_cb=disconnected_cb,
+                    reconnected_cb=reconnected_cb,
+                )
+            )
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await connecting
+                return None
+            try:
+                nc = connecting.result()
+            except Exception as exc:
+                self.log.warning("could not connect to nats", error=str(exc), retry_in=backoff)
+                await self._sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            self.log.info("connected to nats", url=self._nats_url)
+            return nc
+        return None
+
+    @staticmethod
+    async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+
+    # ------------------------------------------------------------ telemetry
+
+    async def _heartbeat_loop(self) -> None:
+        assert self._nc is not None
+        subject = subjects.agent_heartbeat(self.agent_id)
+        while not self._closing.is_set():
+            beat = Heartbeat(
+                agent_id=self.agent_id,
+                version=__version__,
+                engines=self._engines,
+                storages=self._storages,
+                running=self.running_ids,
+                at=_now(),
+            )
+            try:
+                await self._nc.publish(subject, beat.to_bytes())
+            except Exception as exc:
+                self.log.warning("heartbeat not sent", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.settings.heartbeat_seconds)
+
+    async def _progress_loop(self) -> None:
+        assert self._nc is not None
+        subject = subjects.agent_progress(self.agent_id)
+        while not self._closing.is_set():
+            await asyncio.sleep(self.settings.progress_interval_seconds)
+            for job in list(self._running.values()):
+                state = (job.progress.stage, job.progress.bytes_in, job.progress.bytes_out)
+                if state == job.last_sent:
+                    continue
+                now = time.monotonic()
+                previous_in = job.last_sent[1] if job.last_sent else 0
+                elapsed = max(now - job.last_sent_at, 1e-6)
+                message = Progress(
+                    agent_id=self.agent_id,
+                    kind=job.kind,
+                    run_id=job.run_id,
+                    stage=state[0],
+                    bytes_in=state[1],
+                    bytes_out=state[2],
+                    rate_bps=max(state[1] - previous_in, 0) / elapsed,
+                    at=_now(),
+                )
+                job.last_sent, job.last_sent_at = state, now
+                try:
+                    await self._nc.publish(subject, message.to_bytes())
+                except Exception as exc:
+                    self.log.debug("progress not sent", error=str(exc))
+
+    # ------------------------------------------------------------ rpc
+
+    async def _subscribe_rpcs(self, nc: NATS) -> None:
+        async def on_db_test(msg: Msg) -> None:
+            self._spawn_rpc(msg, self._answer_db_test)
+
+        async def on_storage_test(msg: Msg) -> None:
+            self._spawn_rpc(msg, self._answer_storage_test)
+
+        await nc.subscribe(subjects.agent_rpc(self.agent_id, "db.test"), cb=on_db_test)
+        await nc.subscribe(subjects.agent_rpc(self.agent_id, "storage.test"), cb=on_storage_test)
+
+    def _spawn_rpc(self, msg: Msg, handler: Callable[[Msg], Awaitable[bytes]]) -> None:
+        # one slow database must not hold up the next request: answer each in its own task
+        async def answer() -> None:
+            try:
+                body = await handler(msg)
+            except Exception as exc:  # a bug must still produce an answer, never a silent timeout
+                self.log.exception("rpc handler crashed", subject=msg.subject)
+                failure = DbTestReply(
+                    ok=False, error_code="error", error=f"agent error: {type(exc).__name__}"
+                )
+                body = failure.to_bytes()
+            if msg.reply:
+                try:
+                    await msg.respond(body)
+                except Exception as exc:
+                    self.log.warning("rpc reply not sent", subject=msg.subject, error=str(exc))
+
+        task = asyncio.create_task(answer())
+        self._rpc_tasks.add(task)
+        task.add_done_callback(self._rpc_tasks.discard)
+
+    async def _answer_db_test(self, msg: Msg) -> bytes:
+        try:
+            request = DbTestRequest.model_validate_json(msg.data)
+        except ValidationError as exc:
+            return DbTestReply(
+                ok=False, error_code="error", error=f"malformed db.test request: {exc.error_count()} error(s)"
+            ).to_bytes()
+        with structlog.contextvars.bound_contextvars(request_id=request.request_id):
+            reply = await jobs.test_database(request, private_key=self._private_key)
+            self.log.info(
+                "db.test answered", ok=reply.ok, error_code=reply.error_code, request_id=request.request_id
+            )
+        return reply.to_bytes()
+
+    async def _answer_storage_test(self, msg: Msg) -> bytes:
+        try:
+            request = StorageTestRequest.model_validate_json(msg.data)
+        except ValidationError as exc:
+            return StorageTestReply(
+                ok=False,
+                error_code="error",
+                error=f"malformed storage.test request: {exc.error_count()} error(s)",
+            ).to_bytes()
+        reply = await jobs.test_storage(request, private_key=self._private_key)
+        self.log.info(
+            "storage.test answered", ok=reply.ok, error_code=reply.error_code, request_id=request.request_id
+        )
+        return reply.to_bytes()
+
+    # ------------------------------------------------------------ commands
+
+    async def _command_loop(self, stop: asyncio.Event) -> None:
+        assert self._js is not None
+        spec = streams.agent_commands_consumer(self.agent_id)
+        psub: JetStreamContext.PullSubscription | None = None
+        while not stop.is_set():
+            if psub is None:
+                try:
+                    # bind only: agents have no $JS.API rights to look up or create consumers
+                    psub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+                except Exception as exc:
+                    self.log.warning("cannot bind to the command consumer", error=str(exc))
+                    await self._sleep_or_stop(stop, 2.0)
+                    continue
+            try:
+                msgs = await psub.fetch(1, timeout=self.settings.fetch_timeout_seconds)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            except Exception as exc:
+                self.log.warning("fetching commands failed", error=str(exc), error_type=type(exc).__name__)
+                await self._sleep_or_stop(stop, 2.0)
+                continue
+            for msg in msgs:
+                if stop.is_set():
+                    # left for the next start: the command is durable until it expires
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                    continue
+                try:
+                    await self._handle_command(msg, stop)
+                except Exception:
+                    self.log.exception("command handling crashed", subject=msg.subject)
+
+    async def _handle_command(self, msg: Msg, stop: asyncio.Event) -> None:
+        prefix = f"agent.{self.agent_id}."
+        suffix = msg.subject[len(prefix) :] if msg.subject.startswith(prefix) else ""
+        model: type[BackupCommand] | type[RestoreCommand] | type[CancelCommand]
+        if suffix == "job.execute":
+            model = BackupCommand
+        elif suffix == "restore.execute":
+            model = RestoreCommand
+        elif suffix == "job.cancel":
+            model = CancelCommand
+        else:
+            self.log.error("unsupported command; terminating it", subject=msg.subject)
+            await msg.term()
+            return
+        try:
+            command = model.model_validate_json(msg.data)
+        except ValidationError as exc:
+            self.log.error(
+                "unparseable command; terminating it", subject=msg.subject, errors=exc.error_count()
+            )
+            await msg.term()
+            return
+
+        if isinstance(command, CancelCommand):
+            self._cancel(command.run_id)
+            await msg.ack()
+            return
+
+        run_id = command.run_id if isinstance(command, BackupCommand) else command.restore_id
+        kind: RunKind = "backup" if isinstance(command, BackupCommand) else "restore"
+        bound = self.log.bind(run_id=run_id, subject=msg.subject, command_id=command.command_id)
+        if run_id in self._seen or run_id in self._running:
+            bound.warning("command redelivered for a run this agent already started; not running it twice")
+            await msg.ack()
+            return
+        if command.expires_at < _now():
+            bound.warning("command expired; reporting it failed")
+            await self._publish_report(kind, self._failure(kind, run_id, EXPIRED, "queued"))
+            await msg.ack()
+            return
+        if run_id in self._cancelled:
+            self._cancelled.discard(run_id)
+            bound.info("command was cancelled before it started")
+            await self._publish_report(kind, self._failure(kind, run_id, CANCELLED_BY_USER, "queued"))
+            await msg.ack()
+            return
+
+        if not await self._wait_for_slot(msg, stop):
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            return
+
+        started: Report
+        if isinstance(command, BackupCommand):
+            started = BackupStarted(
+                agent_id=self.agent_id, occurred_at=_now(), run_id=run_id, agent_version=__version__
+            )
+        else:
+            started = RestoreStarted(agent_id=self.agent_id, occurred_at=_now(), restore_id=run_id)
+        await self._publish_report(kind, started)
+        # acked only once `started` is stored: a crash after this is the API's stall watchdog's business;
+        # a half-done backup is never run again
+        await msg.ack()
+        self._start(kind, run_id, command)
+        bound.info("command started", kind=kind)
+
+    async def _wait_for_slot(self, msg: Msg, stop: asyncio.Event) -> bool:
+        last_touch = time.monotonic()
+        while len(self._running) >= self.settings.max_concurrency:
+            if stop.is_set():
+                return False
+            if time.monotonic() - last_touch > 15:
+                # keep the held command ours while we wait (ack wait is 60 s)
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+                last_touch = time.monotonic()
+            self._slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_freed.wait(), 1.0)
+        return True
+
+    def _start(self, kind: RunKind, run_id: str, command: BackupCommand | RestoreCommand) -> None:
+        progress = jobs.ProgressState(kind=kind, run_id=run_id)
+        coro: Awaitable[Report]
+        if isinstance(command, BackupCommand):
+            coro = jobs.run_backup(
+                command, agent_id=self.agent_id, private_key=self._private_key, progress=progress
+            )
+        else:
+            coro = jobs.run_restore(
+                command, agent_id=self.agent_id, private_key=self._private_key, progress=progress
+            )
+
+        async def as_task() -> Report:
+            return await coro
+
+        inner = asyncio.create_task(as_task(), name=f"{kind}-{run_id}")
+        job = RunningJob(kind=kind, run_id=run_id, progress=progress, inner=inner)
+        self._seen.add(run_id)
+        self._running[run_id] = job
+        outer = asyncio.create_task(self._finish(job), name=f"report-{run_id}")
+        self._job_tasks.add(outer)
+        outer.add_done_callback(self._job_tasks.discard)
+
+    async def _finish(self, job: RunningJob) -> None:
+        await asyncio.wait({job.inner})
+        report: Report
+        if job.inner.cancelled():
+            report = self._failure(
+                job.kind, job.run_id, job.cancel_reason or SHUTTING_DOWN, job.progress.stage
+            )
+        elif (exc := job.inner.exception()) is not None:
+            self.log.error("job crashed", run_id=job.run_id, error_type=type(exc).__name__)
+            report = self._failure(job.kind, job.run_id, jobs.describe_error(exc), job.progress.stage)
+        else:
+            report = job.inner.result()
+        self._running.pop(job.run_id, None)
+        self._slot_freed.set()
+        await self._publish_report(job.kind, report)
+
+    def _cancel(self, run_id: str) -> None:
+        job = self._running.get(run_id)
+        if job is None:
+            self.log.info("cancel for a run that is not running here; remembering it", run_id=run_id)
+            if run_id not in self._seen:
+                self._cancelled.add(run_id)
+            return
+        self.log.info("cancelling run", run_id=run_id)
+        job.cancel_reason = CANCELLED_BY_USER
+        job.inner.cancel()
+
+    def _failure(self, kind: RunKind, run_id: str, error: str, stage: Stage | None) -> Report:
+        if kind == "backup":
+            return BackupFailed(
+                agent_id=self.agent_id, occurred_at=_now(), run_id=run_id, stage=stage, error=error
+            )
+        return RestoreFailed(
+            agent_id=self.agent_id, occurred_at=_now(), restore_id=run_id, stage=stage, error=error
+        )
+
+    async def _drain_jobs(self) -> None:
+        if self._job_tasks:
+            self.log.info(
+                "draining running jobs", running=self.running_ids, deadline_s=self.settings.drain_seconds
+            )
+            _, pending = await asyncio.wait(set(self._job_tasks), timeout=self.settings.drain_seconds)
+            if pending:
+                for job in list(self._running.values()):
+                    job.cancel_reason = SHUTTING_DOWN
+                    job.inner.cancel()
+                _, pending = await asyncio.wait(pending, timeout=REPORT_GRACE_SECONDS)
+                for task in pending:
+                    self.log.error("report could not be stored before shutdown", task=task.get_name())
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    # ------------------------------------------------------------ reports
+
+    async def _publish_report(self, kind: RunKind, report: Report) -> None:
+        """Store a report in AGENT_REPORTS, retrying with the same Nats-Msg-Id until it is: the API may
+        be down or JetStream briefly unavailable, and a lost `completed` would be a lost backup."""
+        assert self._js is not None
+        if isinstance(report, BackupStarted | RestoreStarted):
+            outcome: Literal["started", "completed", "failed"] = "started"
+        elif isinstance(report, BackupCompleted | RestoreCompleted):
+            outcome = "completed"
+        else:
+            outcome = "failed"
+        if isinstance(report, BackupStarted | BackupCompleted | BackupFailed):
+            run_id = report.run_id
+        elif isinstance(report, RestoreStarted | RestoreCompleted | RestoreFailed):
+            run_id = report.restore_id
+        else:
+            raise TypeError(f"not a run report: {type(report).__name__}")
+        subject = subjects.agent_report(self.agent_id, kind, outcome)
+        headers = {"Nats-Msg-Id": f"{run_id}:{outcome}"}
+        body = report.to_bytes()
+        delay = 0.25
+        while True:
+            try:
+                await self._js.publish(subject, body, timeout=5, headers=headers)
+                self.log.info("report stored", run_id=run_id, subject=subject)
+                return
+            except Exception as exc:
+                self.log.warning(
+                    "report not stored yet; retrying",
+                    run_id=run_id,
+                    subject=subject,
+                    error=str(exc) or type(exc).__name__,
+                    retry_in=delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REPORT_RETRY_CAP_SECONDS)
