@@ -1,0 +1,192 @@
+"""`rahatback-agent`: enroll, run, decrypt, version."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import structlog
+
+from . import __version__
+from .identity import (
+    AgentIdentity,
+    IdentityError,
+    generate_private_key,
+    load_identity,
+    private_key_b64,
+    public_key_b64,
+    save_identity,
+)
+from .logging import configure_logging
+from .settings import AgentSettings, default_config_path
+
+ENROLL_TOKEN_ENV = "RAHATBACK_AGENT_ENROLL_TOKEN"  # noqa: S105 - the name of a variable, not a token
+
+
+def _error_detail(response: httpx.Response) -> str:
+    try:
+        body: Any = response.json()
+    except ValueError:
+        return response.text.strip()[:500] or response.reason_phrase
+    if isinstance(body, dict) and "detail" in body:
+        detail = body["detail"]
+        return detail if isinstance(detail, str) else str(detail)
+    return str(body)[:500]
+
+
+def enroll(
+    *,
+    api_url: str,
+    token: str,
+    name: str | None,
+    config: Path,
+    force: bool,
+    transport: httpx.BaseTransport | None = None,
+) -> int:
+    if config.exists() and not force:
+        print(
+            f"error: {config} already holds an agent identity; pass --force to replace it",
+            file=sys.stderr,
+        )
+        return 1
+    from .jobs import supported_engines, supported_storages
+
+    key = generate_private_key()
+    hostname = socket.gethostname()
+    agent_name = name or hostname
+    body = {
+        "token": token,
+        "name": agent_name,
+        "hostname": hostname,
+        "version": __version__,
+        "x25519_public_key": public_key_b64(key),
+        "engines": supported_engines(),
+        "storages": supported_storages(),
+    }
+    url = f"{api_url.rstrip('/')}/v1/agents/enroll"
+    try:
+        with httpx.Client(timeout=30.0, transport=transport) as client:
+            response = client.post(url, json=body)
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach the RahatBack API at {api_url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 201:
+        print(
+            f"error: enrollment refused ({response.status_code}): {_error_detail(response)}", file=sys.stderr
+        )
+        return 1
+    try:
+        data = response.json()
+        identity = AgentIdentity(
+            agent_id=data["agent_id"],
+            org_id=data["org_id"],
+            nats_url=data["nats_url"],
+            api_url=api_url.rstrip("/"),
+            name=agent_name,
+            x25519_private_key_b64=private_key_b64(key),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"error: unexpected enrollment answer from the API: {exc}", file=sys.stderr)
+        return 1
+    try:
+        save_identity(identity, config, force=force)
+    except (IdentityError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"enrolled agent {identity.agent_id} ({agent_name}); identity saved to {config}")
+    print(f"start it with: rahatback-agent run --config {config}")
+    return 0
+
+
+async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
+    from .supervisor import Supervisor
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    log = structlog.get_logger("rahatback_agent")
+
+    def request_stop(signame: str) -> None:
+        if not stop.is_set():
+            log.info("stop requested; draining", signal=signame)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop, sig.name)
+    try:
+        await Supervisor(identity, settings).run(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rahatback-agent", description="RahatBack backup agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_enroll = sub.add_parser("enroll", help="register this host with the RahatBack control plane")
+    p_enroll.add_argument("--api", required=True, help="the API's base URL, e.g. https://backup.example.com")
+    p_enroll.add_argument(
+        "--token",
+        help=f"one-time enrollment token (or set {ENROLL_TOKEN_ENV} to keep it out of the process list)",
+    )
+    p_enroll.add_argument("--name", help="agent name shown in the UI (default: hostname)")
+    p_enroll.add_argument(
+        "--config", type=Path, help="identity file (default: $RAHATBACK_AGENT_CONFIG or ~/.config/…)"
+    )
+    p_enroll.add_argument("--force", action="store_true", help="replace an existing identity")
+
+    p_run = sub.add_parser("run", help="connect and run backups and restores until SIGTERM")
+    p_run.add_argument("--config", type=Path, help="identity file")
+
+    sub.add_parser("decrypt", help="decrypt an artifact offline (see `rahatback-agent decrypt --help`)")
+    sub.add_parser("version", help="print the agent version")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["decrypt"]:
+        from .decrypt import decrypt_main
+
+        return decrypt_main(args_list[1:])
+    args = _parser().parse_args(args_list)
+
+    if args.command == "version":
+        print(__version__)
+        return 0
+    if args.command == "enroll":
+        token = args.token or os.environ.get(ENROLL_TOKEN_ENV)
+        if not token:
+            print(f"error: give the enrollment token with --token or {ENROLL_TOKEN_ENV}", file=sys.stderr)
+            return 2
+        return enroll(
+            api_url=args.api,
+            token=token,
+            name=args.name,
+            config=(args.config or default_config_path()).expanduser(),
+            force=args.force,
+        )
+    if args.command == "run":
+        settings = AgentSettings()
+        if args.config is not None:
+            settings = settings.model_copy(update={"config": args.config})
+        configure_logging(settings.log_format, settings.log_level)
+        try:
+            identity = load_identity(settings.config)
+        except IdentityError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        asyncio.run(run_agent(settings, identity))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
