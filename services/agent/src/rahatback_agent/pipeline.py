@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal, TypeVar
 
 import zstandard
@@ -42,7 +41,6 @@ __all__ = [
     "manifest_key",
     "restore_stream",
     "run_backup_pipeline",
-    "storage_key",
 ]
 
 Compression = Literal["zstd", "gzip", "none"]
@@ -99,30 +97,6 @@ def artifact_extension(compression: Compression, encrypted: bool) -> str:
     """`.zst.rbk`, `.gz.rbk`, `.rbk` (encrypted, uncompressed), `.zst`, `.gz` or `` (plain)."""
     ext = {"zstd": ".zst", "gzip": ".gz", "none": ""}[compression]
     return ext + (".rbk" if encrypted else "")
-
-
-_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def storage_key(
-    *,
-    prefix: str,
-    database: str,
-    created_at: datetime,
-    run_id: str,
-    dump_extension: str,
-    compression: Compression,
-    encrypted: bool,
-) -> str:
-    """`<prefix>/<db>/<YYYY>/<MM>/<DD>/<db>_<YYYYMMDDTHHMMSSZ>_<run id>.<dump ext><artifact ext>`.
-
-    Times are UTC so file names sort the same wherever the agent runs.
-    """
-    when = created_at.astimezone(UTC)
-    db = _UNSAFE_KEY_CHARS.sub("_", database).strip(".") or "_"
-    name = f"{db}_{when:%Y%m%dT%H%M%SZ}_{run_id}.{dump_extension}{artifact_extension(compression, encrypted)}"
-    parts = [p for p in prefix.strip("/").split("/") if p]
-    return "/".join([*parts, db, f"{when:%Y}", f"{when:%m}", f"{when:%d}", name])
 
 
 def manifest_key(artifact_key: str) -> str:
