@@ -1,0 +1,227 @@
+"""Backup jobs, their runs (history) and restores."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Generic, Literal, TypeVar
+
+from pydantic import BaseModel, field_validator
+from pydantic import Field as PydanticField
+from sqlalchemy import BigInteger, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from rahatback_api.backups.schedule import check_cron, check_timezone
+from rahatback_api.columns import ID_LENGTH, UTCDateTime, new_id, utcnow
+
+Compression = Literal["zstd", "gzip", "none"]
+RunStatus = Literal["queued", "running", "completed", "partial", "failed", "skipped"]
+RestoreStatus = Literal["queued", "running", "completed", "failed"]
+Trigger = Literal["manual", "schedule"]
+
+T = TypeVar("T")
+
+# (min, max, default) level per compression
+COMPRESSION_LEVELS: dict[str, tuple[int, int, int] | None] = {
+    "zstd": (1, 19, 3),
+    "gzip": (1, 9, 6),
+    "none": None,
+}
+
+
+class BackupJob(SQLModel, table=True):
+    __tablename__ = "backup_jobs"
+    __table_args__ = (UniqueConstraint("org_id", "name"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=ID_LENGTH)
+    org_id: str = Field(foreign_key="organizations.id", index=True, max_length=ID_LENGTH)
+    name: str = Field(max_length=200)
+    database_id: str = Field(foreign_key="databases.id", index=True, max_length=ID_LENGTH)
+    storage_id: str = Field(foreign_key="storages.id", index=True, max_length=ID_LENGTH)
+    compression: str = Field(default="zstd", max_length=8)
+    compression_level: int | None = None
+    encryption_enabled: bool = True
+    key_id: str = Field(max_length=80)  # f"{job id}:{generation}"
+    # the 32-byte job key under the master key (SecretBox, AAD f"job-key:{job id}")
+    job_key_encrypted: str = Field(sa_type=Text)
+    cron: str | None = Field(default=None, max_length=120)
+    timezone: str = Field(default="UTC", max_length=64)
+    enabled: bool = True
+    last_run_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_run_status: str | None = Field(default=None, max_length=16)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class BackupRun(SQLModel, table=True):
+    """One backup attempt. Deliberately no foreign keys to jobs/databases/storages: history outlives
+    the job (a deleted job's runs keep its id) and must never block deleting configuration."""
+
+    __tablename__ = "backup_runs"
+    __table_args__ = (
+        Index("ix_backup_runs_org_queued", "org_id", "queued_at"),
+        Index("ix_backup_runs_org_job_queued", "org_id", "job_id", "queued_at"),
+        Index("ix_backup_runs_org_database_queued", "org_id", "database_id", "queued_at"),
+        Index("ix_backup_runs_org_status_queued", "org_id", "status", "queued_at"),
+        Index("ix_backup_runs_status_progress", "status", "last_progress_at"),  # stall watchdog
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=ID_LENGTH)
+    org_id: str = Field(foreign_key="organizations.id", max_length=ID_LENGTH)
+    job_id: str | None = Field(default=None, max_length=ID_LENGTH)
+    database_id: str = Field(max_length=ID_LENGTH)
+    storage_id: str = Field(max_length=ID_LENGTH)
+    agent_id: str | None = Field(default=None, index=True, max_length=ID_LENGTH)
+    trigger: str = Field(default="manual", max_length=16)
+    status: str = Field(default="queued", max_length=16)
+    queued_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    duration_ms: int | None = Field(default=None, sa_type=BigInteger)
+    dump_size: int | None = Field(default=None, sa_type=BigInteger)
+    artifact_size: int | None = Field(default=None, sa_type=BigInteger)
+    dump_sha256: str | None = Field(default=None, max_length=64)
+    artifact_sha256: str | None = Field(default=None, max_length=64)
+    storage_key: str | None = Field(default=None, sa_type=Text)
+    manifest_key: str | None = Field(default=None, sa_type=Text)
+    compression: str | None = Field(default=None, max_length=8)
+    encrypted: bool = True
+    key_id: str | None = Field(default=None, max_length=80)
+    server_version: str | None = Field(default=None, max_length=255)
+    dump_format: str | None = Field(default=None, max_length=32)
+    agent_version: str | None = Field(default=None, max_length=64)
+    error: str | None = Field(default=None, sa_type=Text)
+    stage: str | None = Field(default=None, max_length=32)
+    bytes_done: int | None = Field(default=None, sa_type=BigInteger)
+    last_progress_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_restore_status: str | None = Field(default=None, max_length=16)
+    last_restore_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class RestoreRun(SQLModel, table=True):
+    __tablename__ = "restore_runs"
+    __table_args__ = (Index("ix_restore_runs_org_queued", "org_id", "queued_at"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=ID_LENGTH)
+    org_id: str = Field(foreign_key="organizations.id", max_length=ID_LENGTH)
+    backup_run_id: str = Field(foreign_key="backup_runs.id", index=True, max_length=ID_LENGTH)
+    database_id: str = Field(index=True, max_length=ID_LENGTH)  # the restore target
+    agent_id: str | None = Field(default=None, index=True, max_length=ID_LENGTH)
+    status: str = Field(default="queued", max_length=16)
+    queued_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    duration_ms: int | None = Field(default=None, sa_type=BigInteger)
+    bytes_restored: int | None = Field(default=None, sa_type=BigInteger)
+    error: str | None = Field(default=None, sa_type=Text)
+    last_progress_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+# --- HTTP schemas -------------------------------------------------------------------------------
+
+
+class _ScheduleFields(BaseModel):
+    @field_validator("cron", check_fields=False)
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return None if value is None else check_cron(value)
+
+    @field_validator("timezone", check_fields=False)
+    @classmethod
+    def _timezone(cls, value: str | None) -> str | None:
+        return None if value is None else check_timezone(value)
+
+
+class BackupJobCreate(_ScheduleFields):
+    name: str = PydanticField(min_length=1, max_length=200)
+    database_id: str
+    storage_id: str
+    compression: Compression = "zstd"
+    compression_level: int | None = None  # default depends on compression
+    encryption_enabled: bool = True
+    cron: str | None = None
+    timezone: str = "UTC"
+    enabled: bool = True
+
+
+class BackupJobUpdate(_ScheduleFields):
+    name: str | None = PydanticField(default=None, min_length=1, max_length=200)
+    database_id: str | None = None
+    storage_id: str | None = None
+    compression: Compression | None = None
+    compression_level: int | None = None
+    encryption_enabled: bool | None = None
+    cron: str | None = None  # send null to remove the schedule
+    timezone: str | None = None
+    enabled: bool | None = None
+
+
+class BackupJobPublic(BaseModel):
+    id: str
+    name: str
+    database_id: str
+    storage_id: str
+    compression: Compression
+    compression_level: int | None
+    encryption_enabled: bool
+    key_id: str
+    cron: str | None
+    timezone: str
+    enabled: bool
+    last_run_at: datetime | None
+    last_run_status: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class BackupRunPublic(BaseModel):
+    id: str
+    job_id: str | None
+    database_id: str
+    storage_id: str
+    agent_id: str | None
+    trigger: str
+    status: str
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_ms: int | None
+    dump_size: int | None
+    artifact_size: int | None
+    dump_sha256: str | None
+    artifact_sha256: str | None
+    storage_key: str | None
+    manifest_key: str | None
+    compression: str | None
+    encrypted: bool
+    key_id: str | None
+    server_version: str | None
+    dump_format: str | None
+    agent_version: str | None
+    error: str | None
+    stage: str | None
+    bytes_done: int | None
+    last_progress_at: datetime | None
+    last_restore_status: str | None
+    last_restore_at: datetime | None
+
+
+class RestoreRunPublic(BaseModel):
+    id: str
+    backup_run_id: str
+    database_id: str
+    agent_id: str | None
+    status: str
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_ms: int | None
+    bytes_restored: int | None
+    error: str | None
+    last_progress_at: datetime | None
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int

@@ -1,0 +1,286 @@
+"""Backup jobs (with their managed encryption keys), run history and restores."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col, select
+from sqlmodel.sql.expression import SelectOfScalar
+
+from rahatback_api.backups.models import (
+    COMPRESSION_LEVELS,
+    BackupJob,
+    BackupJobCreate,
+    BackupJobPublic,
+    BackupJobUpdate,
+    BackupRun,
+    BackupRunPublic,
+    RestoreRun,
+    RestoreRunPublic,
+)
+from rahatback_api.columns import new_id, utcnow
+from rahatback_api.databases.models import Database
+from rahatback_api.databases.service import get_database
+from rahatback_api.errors import AppError, Conflict, NotFound
+from rahatback_api.security.secretbox import SecretBox
+from rahatback_api.settings_schemas import invalid_field
+from rahatback_api.storages.models import Storage
+from rahatback_api.storages.service import get_storage
+
+JOB_KEY_BYTES = 32
+
+
+# --- job keys -----------------------------------------------------------------------------------
+
+
+def _job_key_aad(job_id: str) -> bytes:
+    return f"job-key:{job_id}".encode()
+
+
+def _new_job_key(box: SecretBox, job: BackupJob, generation: int = 1) -> None:
+    job.job_key_encrypted = box.encrypt(secrets.token_bytes(JOB_KEY_BYTES), _job_key_aad(job.id))
+    job.key_id = f"{job.id}:{generation}"
+
+
+def load_job_key(box: SecretBox, job: BackupJob) -> bytes:
+    """The job's 32-byte key (wraps each artifact's data key); its id is `job.key_id`."""
+    return box.decrypt(job.job_key_encrypted, _job_key_aad(job.id))
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+
+
+def job_public(job: BackupJob) -> BackupJobPublic:
+    return BackupJobPublic.model_validate(job, from_attributes=True)
+
+
+def _resolve_level(compression: str, level: int | None) -> int | None:
+    bounds = COMPRESSION_LEVELS[compression]
+    if bounds is None:
+        if level is not None:
+            raise invalid_field(("compression_level",), "must be empty when compression is 'none'")
+        return None
+    low, high, default = bounds
+    if level is None:
+        return default
+    if not low <= level <= high:
+        raise invalid_field(
+            ("compression_level",), f"{compression} levels go from {low} to {high}", "less_than_equal"
+        )
+    return level
+
+
+async def _check_targets(session: AsyncSession, org_id: str, database_id: str, storage_id: str) -> None:
+    async def owned(getter: Any, ident: str, field: str) -> Any:
+        try:
+            return await getter(session, org_id, ident)
+        except NotFound:
+            raise AppError(
+                f"no such {field.removesuffix('_id')} in this organization", 422, field=field
+            ) from None
+
+    database: Database = await owned(get_database, database_id, "database_id")
+    storage: Storage = await owned(get_storage, storage_id, "storage_id")
+    if database.agent_id and storage.agent_id and database.agent_id != storage.agent_id:
+        raise AppError(
+            "the database and the storage are bound to different agents; one agent must reach both",
+            422,
+            field="storage_id",
+        )
+
+
+async def _check_name_free(
+    session: AsyncSession, org_id: str, name: str, exclude_id: str | None = None
+) -> None:
+    query = select(BackupJob.id).where(BackupJob.org_id == org_id, BackupJob.name == name)
+    if exclude_id is not None:
+        query = query.where(BackupJob.id != exclude_id)
+    if (await session.execute(query)).first() is not None:
+        raise Conflict(f"a backup job named {name!r} already exists", field="name")
+
+
+async def create_job(session: AsyncSession, box: SecretBox, org_id: str, data: BackupJobCreate) -> BackupJob:
+    level = _resolve_level(data.compression, data.compression_level)
+    await _check_targets(session, org_id, data.database_id, data.storage_id)
+    await _check_name_free(session, org_id, data.name)
+    job = BackupJob(
+        id=new_id(),
+        org_id=org_id,
+        name=data.name,
+        database_id=data.database_id,
+        storage_id=data.storage_id,
+        compression=data.compression,
+        compression_level=level,
+        encryption_enabled=data.encryption_enabled,
+        cron=data.cron,
+        timezone=data.timezone,
+        enabled=data.enabled,
+        key_id="",
+        job_key_encrypted="",
+    )
+    _new_job_key(box, job)
+    session.add(job)
+    await session.flush()
+    return job
+
+
+async def list_jobs(session: AsyncSession, org_id: str) -> list[BackupJob]:
+    result = await session.execute(
+        select(BackupJob).where(BackupJob.org_id == org_id).order_by(col(BackupJob.name))
+    )
+    return list(result.scalars())
+
+
+async def get_job(session: AsyncSession, org_id: str, job_id: str) -> BackupJob:
+    job = (
+        await session.execute(select(BackupJob).where(BackupJob.id == job_id, BackupJob.org_id == org_id))
+    ).scalar_one_or_none()
+    if job is None:
+        raise NotFound("backup job")
+    return job
+
+
+async def update_job(session: AsyncSession, org_id: str, job_id: str, data: BackupJobUpdate) -> BackupJob:
+    job = await get_job(session, org_id, job_id)
+    fields = data.model_fields_set
+    for required in (
+        "name",
+        "database_id",
+        "storage_id",
+        "compression",
+        "encryption_enabled",
+        "timezone",
+        "enabled",
+    ):
+        if required in fields and getattr(data, required) is None:
+            raise invalid_field((required,), "cannot be null")
+    if data.name is not None and data.name != job.name:
+        await _check_name_free(session, org_id, data.name, exclude_id=job.id)
+        job.name = data.name
+    if data.database_id is not None or data.storage_id is not None:
+        database_id = data.database_id or job.database_id
+        storage_id = data.storage_id or job.storage_id
+        await _check_targets(session, org_id, database_id, storage_id)
+        job.database_id, job.storage_id = database_id, storage_id
+    if data.compression is not None or "compression_level" in fields:
+        compression = data.compression or job.compression
+        # changing the algorithm without a level takes that algorithm's default level
+        level = data.compression_level if "compression_level" in fields else None
+        if "compression_level" not in fields and compression == job.compression:
+            level = job.compression_level
+        job.compression_level = _resolve_level(compression, level)
+        job.compression = compression
+    if "cron" in fields:
+        job.cron = data.cron
+    if data.timezone is not None:
+        job.timezone = data.timezone
+    if data.encryption_enabled is not None:
+        job.encryption_enabled = data.encryption_enabled
+    if data.enabled is not None:
+        job.enabled = data.enabled
+    job.updated_at = utcnow()
+    await session.flush()
+    return job
+
+
+async def delete_job(session: AsyncSession, org_id: str, job_id: str) -> None:
+    """Removes the job; its runs stay in the history with their job_id."""
+    job = await get_job(session, org_id, job_id)
+    await session.delete(job)
+    await session.flush()
+
+
+def run_public(run: BackupRun) -> BackupRunPublic:
+    return BackupRunPublic.model_validate(run, from_attributes=True)
+
+
+def restore_public(restore: RestoreRun) -> RestoreRunPublic:
+    return RestoreRunPublic.model_validate(restore, from_attributes=True)
+
+
+# --- history ------------------------------------------------------------------------------------
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class HistoryFilter:
+    job_id: str | None = None
+    database_id: str | None = None
+    status: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+async def _page(
+    session: AsyncSession, query: SelectOfScalar[Any], limit: int, offset: int
+) -> tuple[list[Any], int]:
+    total = (await session.execute(select(func.count()).select_from(query.subquery()))).scalar_one()
+    items = list((await session.execute(query.limit(limit).offset(offset))).scalars())
+    return items, int(total)
+
+
+async def list_runs(
+    session: AsyncSession, org_id: str, filters: HistoryFilter, limit: int, offset: int
+) -> tuple[list[BackupRun], int]:
+    query = select(BackupRun).where(BackupRun.org_id == org_id)
+    if filters.job_id is not None:
+        query = query.where(BackupRun.job_id == filters.job_id)
+    if filters.database_id is not None:
+        query = query.where(BackupRun.database_id == filters.database_id)
+    if filters.status is not None:
+        query = query.where(BackupRun.status == filters.status)
+    if (since := _as_utc(filters.since)) is not None:
+        query = query.where(BackupRun.queued_at >= since)
+    if (until := _as_utc(filters.until)) is not None:
+        query = query.where(BackupRun.queued_at < until)
+    if since is not None and until is not None and since > until:
+        raise AppError("'since' must not be later than 'until'", 422, field="since")
+    query = query.order_by(col(BackupRun.queued_at).desc(), col(BackupRun.id).desc())
+    return await _page(session, query, limit, offset)
+
+
+async def get_run(session: AsyncSession, org_id: str, run_id: str) -> BackupRun:
+    run = (
+        await session.execute(select(BackupRun).where(BackupRun.id == run_id, BackupRun.org_id == org_id))
+    ).scalar_one_or_none()
+    if run is None:
+        raise NotFound("backup run")
+    return run
+
+
+async def list_restores(
+    session: AsyncSession,
+    org_id: str,
+    backup_run_id: str | None,
+    database_id: str | None,
+    limit: int,
+    offset: int,
+) -> tuple[list[RestoreRun], int]:
+    query = select(RestoreRun).where(RestoreRun.org_id == org_id)
+    if backup_run_id is not None:
+        query = query.where(RestoreRun.backup_run_id == backup_run_id)
+    if database_id is not None:
+        query = query.where(RestoreRun.database_id == database_id)
+    query = query.order_by(col(RestoreRun.queued_at).desc(), col(RestoreRun.id).desc())
+    return await _page(session, query, limit, offset)
+
+
+async def get_restore(session: AsyncSession, org_id: str, restore_id: str) -> RestoreRun:
+    restore = (
+        await session.execute(
+            select(RestoreRun).where(RestoreRun.id == restore_id, RestoreRun.org_id == org_id)
+        )
+    ).scalar_one_or_none()
+    if restore is None:
+        raise NotFound("restore")
+    return restore

@@ -1,0 +1,148 @@
+"""The HTTP API application and the `rahatback-api` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+
+import structlog
+import uvicorn
+from fastapi import APIRouter, FastAPI
+
+from rahatback_api.agents.router import router as agents_router
+from rahatback_api.auth.router import router as auth_router
+from rahatback_api.auth.service import bootstrap_admin
+from rahatback_api.backups.router import router as backups_router
+from rahatback_api.databases.router import router as databases_router
+from rahatback_api.db import create_engine, create_sessionmaker, run_migrations, session_scope
+from rahatback_api.errors import AppError, install_error_handlers
+from rahatback_api.logs import configure_logging
+from rahatback_api.request_id import RequestIdMiddleware
+from rahatback_api.security.secretbox import SecretBox
+from rahatback_api.settings import ConfigurationError, Settings
+from rahatback_api.storages.router import router as storages_router
+
+log = structlog.get_logger("rahatback_api")
+
+health_router = APIRouter(tags=["health"])
+
+
+@health_router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+# Every router of the API, in one place.
+ROUTERS: list[APIRouter] = [
+    health_router,
+    auth_router,
+    agents_router,
+    databases_router,
+    storages_router,
+    backups_router,
+]
+
+# Extra lifespan steps (NATS connection, outbox relay, consumers), entered in order after the
+# database is ready and exited in reverse before it closes. Each gets the app and may use app.state.
+LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+LIFESPAN_HOOKS: list[LifespanHook] = []
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. Raises ConfigurationError (e.g. no master key outside dev mode) before serving."""
+    settings = settings or Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    # Fails here, loudly, rather than on the first request that needs a secret.
+    secretbox = SecretBox(
+        settings.master_key_bytes(), settings.master_key_id, settings.old_master_key_bytes()
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.dev_mode:
+            await run_migrations(settings.database_url)
+        engine = create_engine(settings.database_url)
+        app.state.engine = engine
+        app.state.sessionmaker = create_sessionmaker(engine)
+        try:
+            async with AsyncExitStack() as stack:
+                for hook in LIFESPAN_HOOKS:
+                    await stack.enter_async_context(hook(app))
+                log.info("api started", dev_mode=settings.dev_mode)
+                yield
+        finally:
+            await engine.dispose()
+            log.info("api stopped")
+
+    app = FastAPI(title="RahatBack API", version="0.1.0", lifespan=lifespan, docs_url="/docs")
+    app.state.settings = settings
+    app.state.secretbox = secretbox
+    app.state.outbox_wakeup = None  # an asyncio.Event the outbox relay may install
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    for router in ROUTERS:
+        app.include_router(router)
+    return app
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def _load_settings() -> Settings:
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
+
+
+async def _create_admin(settings: Settings, email: str, password: str, org: str) -> None:
+    if settings.dev_mode:
+        await run_migrations(settings.database_url)
+    engine = create_engine(settings.database_url)
+    try:
+        async with session_scope(create_sessionmaker(engine)) as session:
+            user, organization, token = await bootstrap_admin(session, email, password, org)
+    finally:
+        await engine.dispose()
+    print(f"created {user.email} as owner of {organization.name!r} (org id {organization.id})")
+    print(f"API token (shown once, valid 30 days): {token}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rahatback-api", description="RahatBack control-plane API")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    commands.add_parser("migrate", help="upgrade the database schema to the latest version")
+    admin = commands.add_parser("create-admin", help="create an organization and its owner; prints a token")
+    admin.add_argument("--email", required=True)
+    admin.add_argument("--password", help="default: $RAHATBACK_ADMIN_PASSWORD, else asked for")
+    admin.add_argument("--org", required=True, help="organization name")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = _load_settings()
+        if args.command == "serve":
+            app = create_app(settings)
+            uvicorn.run(app, host=args.host, port=args.port, log_config=None, proxy_headers=True)
+        elif args.command == "migrate":
+            asyncio.run(run_migrations(settings.database_url))
+            print("database schema is up to date")
+        elif args.command == "create-admin":
+            password = args.password or os.environ.get("RAHATBACK_ADMIN_PASSWORD") or getpass.getpass()
+            asyncio.run(_create_admin(settings, args.email, password, args.org))
+    except ConfigurationError as exc:
+        print(f"rahatback-api: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except AppError as exc:
+        print(f"rahatback-api: {exc.message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Every table, imported in one place so `SQLModel.metadata` is complete (Alembic, tests, tools)."""
+
+from __future__ import annotations
+
+from sqlmodel import SQLModel
+
+from rahatback_api.agents.models import Agent, EnrollmentToken
+from rahatback_api.auth.models import ApiToken, Membership, Organization, User
+from rahatback_api.backups.models import BackupJob, BackupRun, RestoreRun
+from rahatback_api.databases.models import Database
+from rahatback_api.outbox.models import OutboxMessage, ProcessedMessage
+from rahatback_api.storages.models import Storage
+
+metadata = SQLModel.metadata
+
+__all__ = [
+    "Agent",
+    "ApiToken",
+    "BackupJob",
+    "BackupRun",
+    "Database",
+    "EnrollmentToken",
+    "Membership",
+    "Organization",
+    "OutboxMessage",
+    "ProcessedMessage",
+    "RestoreRun",
+    "Storage",
+    "User",
+    "metadata",
+]

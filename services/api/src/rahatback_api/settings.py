@@ -1,0 +1,86 @@
+"""Configuration from the environment (prefix `RAHATBACK_`)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MASTER_KEY_BYTES = 32
+
+
+class ConfigurationError(RuntimeError):
+    """The service cannot start with this configuration; the message says what to set."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RAHATBACK_", extra="ignore")
+
+    database_url: str = "sqlite+aiosqlite:///./var/rahatback.db"
+    # base64 of 32 random bytes, e.g. `openssl rand -base64 32`
+    master_key: SecretStr | None = None
+    # key id written into every ciphertext, so the key can be rotated later
+    master_key_id: str = "k1"
+    # older keys still accepted for decryption during a rotation: {"k0": "<base64>"}
+    old_master_keys: dict[str, SecretStr] = {}
+    dev_mode: bool = False
+    var_dir: Path = Path("var")
+    nats_url: str = "nats://127.0.0.1:4222"
+    public_url: str = "http://127.0.0.1:8000"
+    agent_stall_seconds: int = 300
+    agent_offline_seconds: int = 30
+    log_format: Literal["console", "json"] = "console"
+    log_level: str = "INFO"
+    login_token_hours: int = 12
+
+    def master_key_bytes(self) -> bytes:
+        """The decoded master key; in dev mode one is generated and kept in `var/master.key`.
+
+        Outside dev mode a missing or malformed key stops the service: running with a made-up key
+        would encrypt secrets that nobody can decrypt after a restart.
+        """
+        if self.master_key is not None:
+            return decode_master_key(self.master_key.get_secret_value(), "RAHATBACK_MASTER_KEY")
+        if not self.dev_mode:
+            raise ConfigurationError(
+                "RAHATBACK_MASTER_KEY is not set: set it to the base64 encoding of 32 random bytes "
+                "(or set RAHATBACK_DEV_MODE=true to generate a development key)"
+            )
+        return _dev_master_key(self.var_dir / "master.key")
+
+    def old_master_key_bytes(self) -> dict[str, bytes]:
+        return {
+            key_id: decode_master_key(value.get_secret_value(), f"RAHATBACK_OLD_MASTER_KEYS[{key_id}]")
+            for key_id, value in self.old_master_keys.items()
+        }
+
+
+def decode_master_key(value: str, name: str) -> bytes:
+    try:
+        key = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ConfigurationError(f"{name} is not valid base64") from exc
+    if len(key) != MASTER_KEY_BYTES:
+        raise ConfigurationError(f"{name} must decode to {MASTER_KEY_BYTES} bytes, got {len(key)}")
+    return key
+
+
+def _dev_master_key(path: Path) -> bytes:
+    if path.exists():
+        return decode_master_key(path.read_text(), str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encoded = base64.b64encode(secrets.token_bytes(MASTER_KEY_BYTES)).decode()
+    # O_EXCL + 0600: never readable by others, and two processes starting together don't overwrite
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return decode_master_key(path.read_text(), str(path))
+    with os.fdopen(fd, "w") as out:
+        out.write(encoded + "\n")
+    return base64.b64decode(encoded)
