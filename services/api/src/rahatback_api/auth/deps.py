@@ -64,7 +64,7 @@ async def get_principal(
     ).one_or_none()
     if row is None:
         raise _unauthorized()
-    token, user, membership = row.tuple()
+    token, user, membership = row
     now = utcnow()
     if token.revoked_at is not None or (token.expires_at is not None and token.expires_at <= now):
         raise _unauthorized()
