@@ -1,0 +1,130 @@
+"""The API's NATS connection: streams, per-agent consumers, request/reply and deduplicated publishes."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
+from nats.js.errors import NotFoundError
+
+from rahatback_contracts import streams
+from rahatback_contracts.messages import Message
+
+log = structlog.get_logger(__name__)
+
+
+class AgentOffline(Exception):
+    """No agent answered a request: NATS said "no responders" (or it timed out)."""
+
+
+def _stream_config(spec: streams.StreamSpec) -> StreamConfig:
+    return StreamConfig(
+        name=spec.name,
+        description=spec.description,
+        subjects=list(spec.subjects),
+        retention=RetentionPolicy.WORK_QUEUE if spec.retention == "workqueue" else RetentionPolicy.LIMITS,
+        max_age=float(spec.max_age_seconds),
+        duplicate_window=float(spec.duplicate_window_seconds),
+    )
+
+
+def _consumer_config(spec: streams.ConsumerSpec) -> ConsumerConfig:
+    filters = list(spec.filter_subjects)
+    return ConsumerConfig(
+        durable_name=spec.durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=float(spec.ack_wait_seconds),
+        max_deliver=spec.max_deliver,
+        filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) > 1 else None,
+    )
+
+
+@dataclass
+class Bus:
+    nc: Client
+    js: JetStreamContext
+
+    @classmethod
+    async def connect(cls, url: str, name: str = "rahatback-api") -> Bus:
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats.error", error=str(exc))
+
+        async def on_disconnect() -> None:
+            log.warning("nats.disconnected")
+
+        async def on_reconnect() -> None:
+            log.info("nats.reconnected")
+
+        nc = await nats.connect(
+            servers=[url],
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+        )
+        bus = cls(nc=nc, js=nc.jetstream())
+        await bus.ensure_streams()
+        return bus
+
+    async def ensure_streams(self) -> None:
+        for spec in streams.ALL_STREAMS:
+            config = _stream_config(spec)
+            try:
+                await self.js.stream_info(spec.name)
+                await self.js.update_stream(config)
+            except NotFoundError:
+                await self.js.add_stream(config)
+        for consumer in (streams.API_REPORTS_CONSUMER, streams.API_CONTROL_CONSUMER):
+            await self.ensure_consumer(consumer)
+
+    async def ensure_consumer(self, spec: streams.ConsumerSpec) -> None:
+        await self.js.add_consumer(spec.stream, _consumer_config(spec))
+
+    async def ensure_agent_consumer(self, agent_id: str) -> None:
+        await self.ensure_consumer(streams.agent_commands_consumer(agent_id))
+
+    async def remove_agent_consumer(self, agent_id: str) -> None:
+        try:
+            await self.js.delete_consumer(streams.AGENT_COMMANDS.name, streams.agent_commands_consumer(agent_id).durable)
+        except NotFoundError:
+            pass
+
+    async def request(self, subject: str, message: Message, timeout: float) -> bytes:
+        try:
+            reply = await self.nc.request(subject, message.to_bytes(), timeout=timeout)
+        except NoRespondersError as exc:
+            raise AgentOffline("the agent is offline (no responder on NATS)") from exc
+        except NatsTimeoutError as exc:
+            raise AgentOffline(f"the agent did not answer within {timeout:.0f} s") from exc
+        return reply.data
+
+    async def publish_durable(self, subject: str, payload: bytes, msg_id: str, attempts: int = 5) -> None:
+        """JetStream publish, retried with the same Msg-Id: a timed-out publish may have been stored."""
+        delay = 0.2
+        for attempt in range(1, attempts + 1):
+            try:
+                await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
+                return
+            except (NatsTimeoutError, NoRespondersError):
+                if attempt == attempts:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)

@@ -1,0 +1,198 @@
+"""Endpoints that reach agents over NATS: enrollment, connection tests, run now, restore, live events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, status
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import text
+
+from rahatback_api.agents.service import consume_enrollment_token
+from rahatback_api.auth.deps import CurrentPrincipal, OperatorPrincipal
+from rahatback_api.backups.models import BackupRunPublic, RestoreRunPublic
+from rahatback_api.backups.service import get_job, get_run, run_public, restore_public
+from rahatback_api.databases.engines import ENGINES, EngineName
+from rahatback_api.databases.service import database_target_parts, get_database
+from rahatback_api.db import SessionDep
+from rahatback_api.deps import SecretBoxDep, SettingsDep
+from rahatback_api.messaging.bus import Bus
+from rahatback_api.messaging.live import LiveHub, sse_frame
+from rahatback_api.models import Agent
+from rahatback_contracts import messages as m
+
+from . import service
+
+router = APIRouter(tags=["operations"])
+
+KEEPALIVE_SECONDS = 15.0
+
+
+def _bus(request: Request) -> Bus:
+    bus: Bus = request.app.state.bus
+    return bus
+
+
+BusDep = Annotated[Bus, Depends(_bus)]
+
+
+def _offline_after(settings: Any) -> timedelta:
+    return timedelta(seconds=settings.agent_offline_seconds)
+
+
+# --------------------------------------------------------------------------------- enrollment
+
+
+class EnrollRequest(BaseModel):
+    token: str = Field(min_length=8, max_length=200)
+    name: str = Field(min_length=1, max_length=200)
+    hostname: str = Field(default="", max_length=255)
+    version: str = Field(default="", max_length=64)
+    x25519_public_key: str = Field(min_length=40, max_length=64, description="base64 of the raw 32-byte key")
+    engines: list[str] = Field(default_factory=list, max_length=20)
+    storages: list[str] = Field(default_factory=list, max_length=20)
+
+
+class EnrollResponse(BaseModel):
+    agent_id: str
+    org_id: str
+    nats_url: str
+
+
+@router.post("/v1/agents/enroll", status_code=status.HTTP_201_CREATED, response_model=EnrollResponse)
+async def enroll(body: EnrollRequest, session: SessionDep, settings: SettingsDep, bus: BusDep) -> EnrollResponse:
+    """Exchange a one-time enrollment token for an agent identity (the agent keeps its private key)."""
+    enrollment = await consume_enrollment_token(session, body.token)
+    service.check_public_key(body.x25519_public_key)
+    agent = Agent(
+        id=service.new_id(), org_id=enrollment.org_id, name=body.name, hostname=body.hostname,
+        version=body.version, x25519_public_key=body.x25519_public_key,
+        engines=body.engines, storages=body.storages,
+    )
+    session.add(agent)
+    await session.flush()
+    # the agent may only bind to its consumer, never create one: make it before the agent asks
+    await bus.ensure_agent_consumer(agent.id)
+    return EnrollResponse(agent_id=agent.id, org_id=agent.org_id, nats_url=settings.nats_url)
+
+
+# ---------------------------------------------------------------------------- connection test
+
+
+class ConnectionTest(BaseModel):
+    engine: EngineName
+    agent_id: str | None = None
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+@router.post("/v1/databases/test-connection", response_model=m.DbTestReply)
+async def test_unsaved_connection(
+    body: ConnectionTest, principal: OperatorPrincipal, session: SessionDep, box: SecretBoxDep,
+    settings: SettingsDep, bus: BusDep,
+) -> m.DbTestReply:
+    """Test credentials before saving them. A failed login is `ok: false` with the cause; 409 = no agent."""
+    public, secrets = ENGINES[body.engine].split(body.settings)
+    agent = await service.choose_agent(session, principal.org_id, body.agent_id, _offline_after(settings))
+
+    def target(info: str) -> m.DatabaseTarget:
+        return service.database_target(box, None, engine=body.engine, name="(unsaved)", settings=public,
+                                       secrets=secrets, agent=agent, info=info)
+
+    return await service.test_connection(bus, agent, target)
+
+
+@router.post("/v1/databases/{database_id}/test", response_model=m.DbTestReply)
+async def test_saved_connection(
+    database_id: str, principal: OperatorPrincipal, session: SessionDep, box: SecretBoxDep,
+    settings: SettingsDep, bus: BusDep,
+) -> m.DbTestReply:
+    db = await get_database(session, principal.org_id, database_id)
+    engine, public, secrets = database_target_parts(box, db)
+    agent = await service.choose_agent(session, principal.org_id, db.agent_id, _offline_after(settings))
+
+    def target(info: str) -> m.DatabaseTarget:
+        return service.database_target(box, db, engine=engine, name=db.name, settings=public,
+                                       secrets=secrets, agent=agent, info=info)
+
+    return await service.test_connection(bus, agent, target)
+
+
+# -------------------------------------------------------------------------------- run, restore
+
+
+@router.post("/v1/backups/jobs/{job_id}/run", status_code=status.HTTP_202_ACCEPTED, response_model=BackupRunPublic)
+async def run_job_now(
+    job_id: str, principal: OperatorPrincipal, session: SessionDep, box: SecretBoxDep, settings: SettingsDep,
+) -> BackupRunPublic:
+    """Queue a backup now; 409 if this job is already queued or running."""
+    job = await get_job(session, principal.org_id, job_id)
+    run = await service.start_backup(session, box, job, trigger="manual", offline_after=_offline_after(settings))
+    return run_public(run)
+
+
+class RestoreRequest(BaseModel):
+    database_id: str | None = Field(default=None, description="target database; default: the backed-up one")
+
+
+@router.post(
+    "/v1/backups/history/{run_id}/restore", status_code=status.HTTP_202_ACCEPTED, response_model=RestoreRunPublic
+)
+async def restore_run(
+    run_id: str, principal: OperatorPrincipal, session: SessionDep, box: SecretBoxDep, settings: SettingsDep,
+    body: RestoreRequest | None = None,
+) -> RestoreRunPublic:
+    """Restore a backup into its own database or another registered database of the same engine."""
+    run = await get_run(session, principal.org_id, run_id)
+    target_id = body.database_id if body and body.database_id else run.database_id
+    target = await get_database(session, principal.org_id, target_id)
+    restore = await service.start_restore(session, box, run, target, offline_after=_offline_after(settings))
+    return restore_public(restore)
+
+
+# ------------------------------------------------------------------------------ live events
+
+
+@router.get("/v1/events", response_class=StreamingResponse)
+async def live_events(principal: CurrentPrincipal, request: Request) -> StreamingResponse:
+    """Server-sent events of the caller's organization: `progress` and domain events (`backup.completed`…)."""
+    hub: LiveHub = request.app.state.live_hub
+    queue = hub.subscribe(principal.org_id)
+
+    async def frames() -> AsyncIterator[bytes]:
+        try:
+            yield b": connected\n\n"
+            while True:
+                try:
+                    name, payload = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    yield b": keepalive\n\n"
+                    continue
+                yield sse_frame(name, payload)
+        finally:
+            hub.unsubscribe(principal.org_id, queue)
+
+    return StreamingResponse(
+        frames(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+# ------------------------------------------------------------------------------------ health
+
+
+@router.get("/readyz", include_in_schema=False)
+async def readyz(request: Request) -> JSONResponse:
+    checks: dict[str, str] = {}
+    try:
+        async with request.app.state.sessionmaker() as session:
+            await session.execute(text("select 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # readiness reports, never raises
+        checks["database"] = f"error: {type(exc).__name__}"
+    bus: Bus | None = getattr(request.app.state, "bus", None)
+    checks["nats"] = "ok" if bus is not None and bus.connected else "error: not connected"
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)

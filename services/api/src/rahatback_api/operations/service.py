@@ -1,0 +1,524 @@
+"""The three flows of the control plane: connection test, backup run, restore — and what agents report.
+
+Everything here takes the session first and never commits: the caller's scope commits once, then
+the outbox relay publishes what was enqueued (commands to agents, domain events).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from sqlmodel import col, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from rahatback_api.errors import AppError, Conflict, NotFound
+from rahatback_api.messaging.bus import AgentOffline, Bus
+from rahatback_api.messaging.outbox import enqueue
+from rahatback_api.messaging.sealing import seal_for_agent
+from rahatback_api.models import Agent, BackupJob, BackupRun, Database, ProcessedMessage, RestoreRun, Storage
+from rahatback_api.security.secretbox import SecretBox
+from rahatback_contracts import messages as m
+from rahatback_contracts import subjects
+
+log = structlog.get_logger(__name__)
+
+COMMAND_TTL = timedelta(hours=6)
+RPC_TIMEOUT_SECONDS = 20.0
+ACTIVE = ("queued", "running")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything we store is UTC
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+# ------------------------------------------------------------------------------------------ agents
+
+
+def check_public_key(public_key_b64: str) -> None:
+    try:
+        X25519PublicKey.from_public_bytes(base64.b64decode(public_key_b64, validate=True))
+    except (ValueError, binascii.Error) as exc:
+        raise AppError("x25519_public_key must be the base64 of a raw 32-byte X25519 public key", 422,
+                       field="x25519_public_key") from exc
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def is_online(agent: Agent, offline_after: timedelta) -> bool:
+    seen = _aware(agent.last_seen_at)
+    return agent.revoked_at is None and seen is not None and now() - seen <= offline_after
+
+
+async def choose_agent(
+    session: AsyncSession, org_id: str, preferred_id: str | None, offline_after: timedelta
+) -> Agent:
+    """The database's own agent if it has one, else the organization's most recently seen agent."""
+    if preferred_id is not None:
+        agent = await session.get(Agent, preferred_id)
+        if agent is None or agent.org_id != org_id or agent.revoked_at is not None:
+            raise Conflict("the agent this database is bound to no longer exists or was revoked")
+        return agent
+    agents = (
+        await session.execute(
+            select(Agent)
+            .where(Agent.org_id == org_id, col(Agent.revoked_at).is_(None))
+            .order_by(col(Agent.last_seen_at).desc())
+        )
+    ).scalars().all()
+    online = [a for a in agents if is_online(a, offline_after)]
+    if not online:
+        raise Conflict("no agent of this organization is online: start `rahatback-agent run` on a host")
+    return online[0]
+
+
+# ------------------------------------------------------------------------------ connection test
+
+
+def database_target(
+    box: SecretBox, db: Database | None, *, engine: str, name: str, settings: dict[str, Any],
+    secrets: dict[str, str], agent: Agent, info: str,
+) -> m.DatabaseTarget:
+    sealed = seal_for_agent(agent.x25519_public_key, secrets, info) if secrets else None
+    return m.DatabaseTarget(
+        database_id=db.id if db else None, name=name, engine=engine,  # type: ignore[arg-type]
+        settings=settings, secrets=sealed,
+    )
+
+
+async def test_connection(bus: Bus, agent: Agent, target_for: Any) -> m.DbTestReply:
+    """`target_for(info)` builds the DatabaseTarget sealed for this request's binding."""
+    request_id = new_id()
+    request = m.DbTestRequest(request_id=request_id, database=target_for(m.seal_info("rpc", request_id)))
+    started = time.monotonic()
+    try:
+        data = await bus.request(subjects.agent_rpc(agent.id, "db.test"), request, timeout=RPC_TIMEOUT_SECONDS)
+    except AgentOffline as exc:
+        raise Conflict(f"agent {agent.name!r} is offline: {exc}") from exc
+    reply = m.DbTestReply.model_validate_json(data)
+    log.info("db.test", agent_id=agent.id, ok=reply.ok, error_code=reply.error_code,
+             round_trip_ms=round((time.monotonic() - started) * 1000, 1))
+    return reply
+
+
+# ---------------------------------------------------------------------------------------- backup
+
+
+def storage_target(storage: Storage, secrets: dict[str, str], agent: Agent, info: str) -> m.StorageTarget:
+    sealed = seal_for_agent(agent.x25519_public_key, secrets, info) if secrets else None
+    return m.StorageTarget(
+        storage_id=storage.id, name=storage.name, kind=storage.kind,  # type: ignore[arg-type]
+        settings=dict(storage.settings), secrets=sealed,
+    )
+
+
+def _command_times() -> tuple[datetime, datetime]:
+    issued = now()
+    return issued, issued + COMMAND_TTL
+
+
+async def start_backup(
+    session: AsyncSession, box: SecretBox, job: BackupJob, *, trigger: str, offline_after: timedelta,
+) -> BackupRun:
+    """Queue a run of `job` and enqueue its command; a second concurrent run of the job is a 409."""
+    active = (
+        await session.execute(
+            select(BackupRun.id).where(BackupRun.job_id == job.id, col(BackupRun.status).in_(ACTIVE))
+        )
+    ).scalars().first()
+    if active is not None:
+        raise Conflict(f"job {job.name!r} is already running (run {active}); wait for it to finish")
+    db = await session.get(Database, job.database_id)
+    storage = await session.get(Storage, job.storage_id)
+    if db is None or storage is None:
+        raise Conflict("the job's database or storage no longer exists; update the job")
+    agent = await choose_agent(session, job.org_id, db.agent_id or storage.agent_id, offline_after)
+
+    run = BackupRun(
+        id=new_id(), org_id=job.org_id, job_id=job.id, database_id=db.id, storage_id=storage.id,
+        agent_id=agent.id, trigger=trigger, status="queued", queued_at=now(),
+        compression=job.compression, encrypted=job.encryption_enabled,
+        key_id=job.key_id if job.encryption_enabled else None, stage="queued", bytes_done=0,
+    )
+    session.add(run)
+    job.last_run_at = run.queued_at
+    job.last_run_status = "queued"
+
+    info = m.seal_info("run", run.id)
+    encryption = m.EncryptionSpec(enabled=False)
+    if job.encryption_enabled:
+        key = load_job_key(box, job)
+        encryption = m.EncryptionSpec(
+            enabled=True, key_id=job.key_id,
+            job_key=seal_for_agent(agent.x25519_public_key, {"key_b64": _b64(key)}, info),
+        )
+    engine, settings, secrets = database_target_parts(box, db)
+    _, storage_secrets = storage_target_parts(box, storage)
+    issued, expires = _command_times()
+    command = m.BackupCommand(
+        command_id=new_id(), org_id=job.org_id, issued_at=issued, expires_at=expires,
+        run_id=run.id, job_id=job.id,
+        database=database_target(box, db, engine=engine, name=db.name, settings=settings,
+                                 secrets=secrets, agent=agent, info=info),
+        storage=storage_target(storage, storage_secrets, agent, info),
+        compression=job.compression,  # type: ignore[arg-type]
+        compression_level=job.compression_level,
+        encryption=encryption,
+    )
+    enqueue(session, subjects.agent_command(agent.id, "job.execute"), command, f"{run.id}:command")
+    await session.flush()
+    return run
+
+
+# --------------------------------------------------------------------------------------- restore
+
+
+async def start_restore(
+    session: AsyncSession, box: SecretBox, run: BackupRun, target: Database, *, offline_after: timedelta,
+) -> RestoreRun:
+    if run.status not in ("completed", "partial") or not run.storage_key:
+        raise Conflict(f"backup run {run.id} has no artifact to restore (status {run.status})")
+    source_db = await session.get(Database, run.database_id)
+    if source_db is not None and source_db.engine != target.engine:
+        raise AppError(
+            f"cannot restore a {source_db.engine} backup into a {target.engine} database", 422,
+            field="database_id",
+        )
+    busy = (
+        await session.execute(
+            select(RestoreRun.id).where(RestoreRun.database_id == target.id, col(RestoreRun.status).in_(ACTIVE))
+        )
+    ).scalars().first()
+    if busy is not None:
+        raise Conflict(f"database {target.name!r} is already being restored (restore {busy})")
+    storage = await session.get(Storage, run.storage_id)
+    if storage is None:
+        raise Conflict("the storage holding this backup no longer exists")
+    # local storage lives on the host of the agent that wrote the backup
+    preferred = target.agent_id or run.agent_id
+    agent = await choose_agent(session, run.org_id, preferred, offline_after)
+
+    restore = RestoreRun(
+        id=new_id(), org_id=run.org_id, backup_run_id=run.id, database_id=target.id, agent_id=agent.id,
+        status="queued", queued_at=now(),
+    )
+    session.add(restore)
+    run.last_restore_status = "queued"
+    run.last_restore_at = restore.queued_at
+
+    info = m.seal_info("restore", restore.id)
+    encryption = None
+    if run.encrypted:
+        job = await session.get(BackupJob, run.job_id)
+        if job is None or job.key_id != run.key_id:
+            raise Conflict(f"the key {run.key_id!r} of this backup is no longer available")
+        encryption = m.EncryptionSpec(
+            enabled=True, key_id=run.key_id,
+            job_key=seal_for_agent(agent.x25519_public_key, {"key_b64": _b64(load_job_key(box, job))}, info),
+        )
+    engine, settings, secrets = database_target_parts(box, target)
+    _, storage_secrets = storage_target_parts(box, storage)
+    issued, expires = _command_times()
+    command = m.RestoreCommand(
+        command_id=new_id(), org_id=run.org_id, issued_at=issued, expires_at=expires,
+        restore_id=restore.id, backup_run_id=run.id,
+        database=database_target(box, target, engine=engine, name=target.name, settings=settings,
+                                 secrets=secrets, agent=agent, info=info),
+        storage=storage_target(storage, storage_secrets, agent, info),
+        storage_key=run.storage_key,
+        compression=run.compression,  # type: ignore[arg-type]
+        encrypted=run.encrypted,
+        artifact_sha256=run.artifact_sha256,
+        dump_sha256=run.dump_sha256,
+        encryption=encryption,
+    )
+    enqueue(session, subjects.agent_command(agent.id, "restore.execute"), command, f"{restore.id}:command")
+    await session.flush()
+    return restore
+
+
+# --------------------------------------------------------------------------------- agent reports
+
+REPORT_MODELS: dict[str, type[m.Report]] = {
+    "backup.started": m.BackupStarted,
+    "backup.completed": m.BackupCompleted,
+    "backup.failed": m.BackupFailed,
+    "restore.started": m.RestoreStarted,
+    "restore.completed": m.RestoreCompleted,
+    "restore.failed": m.RestoreFailed,
+}
+
+
+class UntrustedReport(Exception):
+    """A report that is malformed or about a run the reporting agent does not own: dropped, logged."""
+
+
+def parse_report(subject: str, data: bytes) -> tuple[str, str, m.Report]:
+    """(agent id from the subject — NATS permissions bind it —, report kind, parsed body)."""
+    agent_id = subjects.agent_id_of(subject)
+    kind = ".".join(subject.split(".")[3:])
+    model = REPORT_MODELS.get(kind)
+    if model is None:
+        raise UntrustedReport(f"unknown report subject {subject!r}")
+    try:
+        report = model.model_validate_json(data)
+    except ValueError as exc:
+        raise UntrustedReport(f"malformed {kind} report: {exc}") from exc
+    if report.agent_id != agent_id:
+        raise UntrustedReport(f"report body claims agent {report.agent_id}, subject says {agent_id}")
+    return agent_id, kind, report
+
+
+async def apply_report(session: AsyncSession, agent_id: str, msg_id: str, report: m.Report) -> bool:
+    """Apply one report; False if it was already applied (re-delivery) or changes nothing."""
+    key = f"{agent_id}:{msg_id}"
+    if await session.get(ProcessedMessage, key) is not None:
+        return False
+    session.add(ProcessedMessage(msg_id=key, processed_at=now()))
+    if isinstance(report, m.BackupStarted | m.BackupCompleted | m.BackupFailed):
+        changed = await _apply_backup_report(session, agent_id, report)
+    elif isinstance(report, m.RestoreStarted | m.RestoreCompleted | m.RestoreFailed):
+        changed = await _apply_restore_report(session, agent_id, report)
+    else:  # pragma: no cover - parse_report only yields the kinds above
+        raise UntrustedReport(f"unexpected report {type(report).__name__}")
+    await session.flush()
+    return changed
+
+
+async def _owned_run(session: AsyncSession, agent_id: str, run_id: str) -> BackupRun:
+    run = await session.get(BackupRun, run_id)
+    if run is None or run.agent_id != agent_id:
+        raise UntrustedReport(f"agent {agent_id} reported on run {run_id} it was not given")
+    return run
+
+
+async def _apply_backup_report(
+    session: AsyncSession, agent_id: str, report: m.BackupStarted | m.BackupCompleted | m.BackupFailed
+) -> bool:
+    run = await _owned_run(session, agent_id, report.run_id)
+    job = await session.get(BackupJob, run.job_id)
+    if isinstance(report, m.BackupStarted):
+        if run.status != "queued":
+            return False
+        run.status, run.stage = "running", "dumping"
+        run.started_at = report.occurred_at
+        run.last_progress_at = now()
+        run.agent_version = report.agent_version
+        event_type = "backup.started"
+    elif isinstance(report, m.BackupCompleted):
+        if run.status not in ACTIVE:
+            log.warning("report.late_completion_ignored", run_id=run.id, status=run.status)
+            return False
+        run.status, run.stage = "completed", None
+        run.started_at = run.started_at or report.started_at
+        run.finished_at = report.finished_at
+        run.duration_ms = _duration_ms(report.started_at, report.finished_at)
+        run.storage_key, run.manifest_key = report.storage_key, report.manifest_key
+        run.dump_size, run.artifact_size = report.dump_size, report.artifact_size
+        run.dump_sha256, run.artifact_sha256 = report.dump_sha256, report.artifact_sha256
+        run.server_version, run.dump_format = report.server_version, report.dump_format
+        run.agent_version = report.agent_version
+        run.bytes_done = report.dump_size
+        run.error = None
+        event_type = "backup.completed"
+    else:
+        if run.status not in ACTIVE:
+            return False
+        fail_run(run, report.error, at=report.occurred_at)
+        event_type = "backup.failed"
+    if job is not None:
+        job.last_run_status = run.status
+    await enqueue_backup_event(session, run, event_type)
+    return True
+
+
+async def _apply_restore_report(
+    session: AsyncSession, agent_id: str, report: m.RestoreStarted | m.RestoreCompleted | m.RestoreFailed
+) -> bool:
+    restore = await session.get(RestoreRun, report.restore_id)
+    if restore is None or restore.agent_id != agent_id:
+        raise UntrustedReport(f"agent {agent_id} reported on restore {report.restore_id} it was not given")
+    if isinstance(report, m.RestoreStarted):
+        if restore.status != "queued":
+            return False
+        restore.status = "running"
+        restore.started_at = report.occurred_at
+        restore.last_progress_at = now()
+        event_type = "restore.started"
+    elif isinstance(report, m.RestoreCompleted):
+        if restore.status not in ACTIVE:
+            return False
+        restore.status = "completed"
+        restore.started_at = restore.started_at or report.started_at
+        restore.finished_at = report.finished_at
+        restore.duration_ms = _duration_ms(report.started_at, report.finished_at)
+        restore.bytes_restored = report.bytes_restored
+        event_type = "restore.completed"
+    else:
+        if restore.status not in ACTIVE:
+            return False
+        fail_restore(restore, report.error, at=report.occurred_at)
+        event_type = "restore.failed"
+    backup = await session.get(BackupRun, restore.backup_run_id)
+    if backup is not None:
+        backup.last_restore_status = restore.status
+        backup.last_restore_at = now()
+    await enqueue_restore_event(session, restore, event_type)
+    return True
+
+
+def _duration_ms(start: datetime | None, end: datetime | None) -> int | None:
+    start, end = _aware(start), _aware(end)
+    if start is None or end is None:
+        return None
+    return max(0, int((end - start).total_seconds() * 1000))
+
+
+def fail_run(run: BackupRun, error: str, at: datetime | None = None) -> None:
+    run.status = "failed"
+    run.error = error
+    run.finished_at = at or now()
+    run.duration_ms = _duration_ms(run.started_at, run.finished_at)
+
+
+def fail_restore(restore: RestoreRun, error: str, at: datetime | None = None) -> None:
+    restore.status = "failed"
+    restore.error = error
+    restore.finished_at = at or now()
+    restore.duration_ms = _duration_ms(restore.started_at, restore.finished_at)
+
+
+async def enqueue_backup_event(session: AsyncSession, run: BackupRun, event_type: str) -> None:
+    job = await session.get(BackupJob, run.job_id)
+    db = await session.get(Database, run.database_id)
+    event = m.BackupEvent(
+        event_id=new_id(), type=event_type, org_id=run.org_id, occurred_at=now(),
+        run_id=run.id, job_id=run.job_id, job_name=job.name if job else "(deleted job)",
+        database_id=run.database_id, database_name=db.name if db else "(deleted database)",
+        status=run.status,  # type: ignore[arg-type]
+        trigger=run.trigger,  # type: ignore[arg-type]
+        dump_size=run.dump_size, artifact_size=run.artifact_size, duration_ms=run.duration_ms,
+        storage_key=run.storage_key, error=run.error,
+    )
+    enqueue(session, subjects.event_subject(event_type), event, f"{run.id}:{event_type}")
+
+
+async def enqueue_restore_event(session: AsyncSession, restore: RestoreRun, event_type: str) -> None:
+    db = await session.get(Database, restore.database_id)
+    event = m.RestoreEvent(
+        event_id=new_id(), type=event_type, org_id=restore.org_id, occurred_at=now(),
+        restore_id=restore.id, backup_run_id=restore.backup_run_id, database_id=restore.database_id,
+        database_name=db.name if db else "(deleted database)",
+        status=restore.status,  # type: ignore[arg-type]
+        duration_ms=restore.duration_ms, error=restore.error,
+    )
+    enqueue(session, subjects.event_subject(event_type), event, f"{restore.id}:{event_type}")
+
+
+# ------------------------------------------------------------------------ presence and watchdog
+
+
+async def record_heartbeat(session: AsyncSession, heartbeat: m.Heartbeat, agent_id: str, offline_after: timedelta) -> None:
+    agent = await session.get(Agent, agent_id)
+    if agent is None or agent.revoked_at is not None:
+        return
+    was_online = is_online(agent, offline_after)
+    agent.last_seen_at = now()
+    agent.version = heartbeat.version
+    agent.engines = list(heartbeat.engines)
+    agent.storages = list(heartbeat.storages)
+    if not was_online:
+        _enqueue_presence(session, agent, online=True)
+
+
+def _enqueue_presence(session: AsyncSession, agent: Agent, *, online: bool) -> None:
+    event_type = "presence.online" if online else "presence.offline"
+    event = m.PresenceEvent(
+        event_id=new_id(), type=event_type, org_id=agent.org_id, occurred_at=now(),
+        agent_id=agent.id, agent_name=agent.name, online=online,
+    )
+    enqueue(session, event_type, event, f"{agent.id}:{event_type}:{event.event_id}")
+
+
+async def record_progress(session: AsyncSession, progress: m.Progress, agent_id: str) -> None:
+    model = BackupRun if progress.kind == "backup" else RestoreRun
+    row = await session.get(model, progress.run_id)
+    if row is None or row.agent_id != agent_id or row.status not in ACTIVE:
+        return
+    row.last_progress_at = now()
+    if isinstance(row, BackupRun):
+        row.stage = progress.stage
+        row.bytes_done = progress.bytes_in
+
+
+async def sweep_stalled(
+    session: AsyncSession, *, stall_after: timedelta, offline_after: timedelta, command_ttl: timedelta = COMMAND_TTL,
+) -> int:
+    """Fail runs that can no longer finish, so no run stays `running` forever. Returns how many."""
+    moment = now()
+    failed = 0
+    agents: dict[str, Agent | None] = {}
+
+    async def agent_of(agent_id: str) -> Agent | None:
+        if agent_id not in agents:
+            agents[agent_id] = await session.get(Agent, agent_id)
+        return agents[agent_id]
+
+    for model in (BackupRun, RestoreRun):
+        rows = (await session.execute(select(model).where(col(model.status).in_(ACTIVE)))).scalars().all()
+        for row in rows:
+            reason = None
+            agent = await agent_of(row.agent_id)
+            last_sign = _aware(row.last_progress_at) or _aware(row.queued_at) or moment
+            if row.status == "queued" and moment - (_aware(row.queued_at) or moment) > command_ttl:
+                reason = "the agent did not pick up the command before it expired"
+            elif row.status == "running" and agent is not None and not is_online(agent, offline_after):
+                reason = f"agent {agent.name!r} stopped heartbeating for more than {int(offline_after.total_seconds())} s"
+            elif row.status == "running" and moment - last_sign > stall_after:
+                reason = f"no progress from the agent for more than {int(stall_after.total_seconds())} s"
+            if reason is None:
+                continue
+            failed += 1
+            if isinstance(row, BackupRun):
+                fail_run(row, reason)
+                job = await session.get(BackupJob, row.job_id)
+                if job is not None:
+                    job.last_run_status = "failed"
+                await enqueue_backup_event(session, row, "backup.failed")
+            else:
+                fail_restore(row, reason)
+                backup = await session.get(BackupRun, row.backup_run_id)
+                if backup is not None:
+                    backup.last_restore_status = "failed"
+                await enqueue_restore_event(session, row, "restore.failed")
+            log.warning("watchdog.failed_run", run_id=row.id, reason=reason)
+
+    stale = (await session.execute(select(Agent).where(col(Agent.revoked_at).is_(None)))).scalars().all()
+    for agent in stale:
+        seen = _aware(agent.last_seen_at)
+        # announce going offline exactly once: in the sweep window right after the limit passed
+        if seen is not None and offline_after < moment - seen <= offline_after + SWEEP_INTERVAL:
+            _enqueue_presence(session, agent, online=False)
+    return failed
+
+
+SWEEP_INTERVAL = timedelta(seconds=10)

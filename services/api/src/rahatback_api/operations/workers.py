@@ -1,0 +1,164 @@
+"""The API's background work: consume agent reports, record presence/progress, fail stalled runs.
+
+Each loop opens its own session per unit of work and commits it before acknowledging, so a crash
+at any point leads to a re-delivery that `apply_report` recognises and ignores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+import structlog
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from rahatback_api.messaging.bus import Bus
+from rahatback_api.messaging.live import LiveHub
+from rahatback_api.messaging.outbox import OutboxRelay
+from rahatback_contracts import messages as m
+from rahatback_contracts import streams, subjects
+
+from . import service
+
+log = structlog.get_logger(__name__)
+
+# progress arrives about once a second per run; the stall watchdog needs far less resolution
+PROGRESS_WRITE_INTERVAL = 5.0
+
+
+class Workers:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        bus: Bus,
+        relay: OutboxRelay,
+        hub: LiveHub,
+        *,
+        stall_after: timedelta,
+        offline_after: timedelta,
+    ) -> None:
+        self.sessions = sessions
+        self.bus = bus
+        self.relay = relay
+        self.hub = hub
+        self.stall_after = stall_after
+        self.offline_after = offline_after
+        self._tasks: list[asyncio.Task[None]] = []
+        self._progress_written: dict[str, float] = {}
+
+    async def start(self) -> None:
+        await self.bus.nc.subscribe(subjects.ALL_HEARTBEATS, cb=self._on_heartbeat)
+        await self.bus.nc.subscribe(subjects.ALL_PROGRESS, cb=self._on_progress)
+        for name, loop in (
+            ("reports", self._consume_reports),
+            ("watchdog", self._watchdog),
+            ("outbox", self.relay.run),
+        ):
+            self._tasks.append(asyncio.create_task(_forever(name, loop), name=f"api-{name}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -------------------------------------------------------------------------------- reports
+
+    async def _consume_reports(self) -> None:
+        spec = streams.API_REPORTS_CONSUMER
+        sub = await self.bus.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        while True:
+            try:
+                batch = await sub.fetch(20, timeout=5)
+            except NatsTimeoutError:
+                continue
+            for msg in batch:
+                await self.handle_report(msg)
+
+    async def handle_report(self, msg: Msg) -> None:
+        msg_id = (msg.headers or {}).get("Nats-Msg-Id") or f"seq:{msg.metadata.sequence.stream}"
+        try:
+            agent_id, kind, report = service.parse_report(msg.subject, msg.data)
+            async with self.sessions() as session:
+                changed = await service.apply_report(session, agent_id, msg_id, report)
+                await session.commit()
+        except (service.UntrustedReport, ValueError) as exc:
+            log.warning("report.rejected", subject=msg.subject, reason=str(exc))
+            await msg.term()
+            return
+        except Exception:
+            log.exception("report.failed", subject=msg.subject)
+            await msg.nak(delay=2)
+            return
+        await msg.ack()
+        if changed:
+            self.relay.kick()
+        log.info("report.applied", subject=msg.subject, kind=kind, changed=changed)
+
+    # ------------------------------------------------------------------- presence and progress
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            agent_id = subjects.agent_id_of(msg.subject)
+            heartbeat = m.Heartbeat.model_validate_json(msg.data)
+            async with self.sessions() as session:
+                await service.record_heartbeat(session, heartbeat, agent_id, self.offline_after)
+                await session.commit()
+        except Exception:
+            log.exception("heartbeat.failed", subject=msg.subject)
+            return
+        self.relay.kick()
+
+    async def _on_progress(self, msg: Msg) -> None:
+        try:
+            agent_id = subjects.agent_id_of(msg.subject)
+            progress = m.Progress.model_validate_json(msg.data)
+        except ValueError:
+            log.warning("progress.malformed", subject=msg.subject)
+            return
+        org_id = await self.hub.publish_progress(agent_id, progress)
+        loop_time = asyncio.get_running_loop().time()
+        if org_id is None or loop_time - self._progress_written.get(progress.run_id, 0) < PROGRESS_WRITE_INTERVAL:
+            return
+        self._progress_written[progress.run_id] = loop_time
+        try:
+            async with self.sessions() as session:
+                await service.record_progress(session, progress, agent_id)
+                await session.commit()
+        except Exception:
+            log.exception("progress.failed", run_id=progress.run_id)
+
+    # ---------------------------------------------------------------------------- watchdog
+
+    async def _watchdog(self) -> None:
+        # Right after a start we have heard no heartbeat yet: judging agents before a full offline
+        # window has passed would fail healthy runs whose agents are simply not heard from yet.
+        await asyncio.sleep(self.offline_after.total_seconds())
+        while True:
+            async with self.sessions() as session:
+                failed = await service.sweep_stalled(
+                    session, stall_after=self.stall_after, offline_after=self.offline_after
+                )
+                await session.commit()
+            if failed:
+                self.relay.kick()
+            self._progress_written = {k: v for k, v in self._progress_written.items() if k}
+            await asyncio.sleep(service.SWEEP_INTERVAL.total_seconds())
+
+
+async def _forever(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Restart a background loop after an unexpected error instead of silently losing it."""
+    while True:
+        try:
+            await loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("worker.crashed", worker=name)
+            await asyncio.sleep(2)
