@@ -79,6 +79,7 @@ class Supervisor:
         self._nats_url = settings.nats_url or identity.nats_url
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
+        self._psub: JetStreamContext.PullSubscription | None = None
         self._running: dict[str, RunningJob] = {}
         self._job_tasks: set[asyncio.Task[None]] = set()
         self._rpc_tasks: set[asyncio.Task[None]] = set()
@@ -102,11 +103,14 @@ class Supervisor:
             return
         self._nc = nc
         self._js = nc.jetstream()
+        await self._subscribe_rpcs(nc)
+        # the server knows our subscriptions before the first heartbeat says we are online
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=5)
         background = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._progress_loop(), name="progress"),
         ]
-        await self._subscribe_rpcs(nc)
         try:
             await self._command_loop(stop)
         finally:
@@ -127,7 +131,10 @@ class Supervisor:
             self.log.warning("nats error", error=str(exc), error_type=type(exc).__name__)
 
         async def disconnected_cb() -> None:
-            self.log.warning("disconnected from nats; reconnecting")
+            if self._closing.is_set():
+                self.log.info("disconnected from nats")
+            else:
+                self.log.warning("disconnected from nats; reconnecting")
 
         async def reconnected_cb() -> None:
             self.log.info("reconnected to nats")
@@ -289,12 +296,23 @@ class Supervisor:
     async def _command_loop(self, stop: asyncio.Event) -> None:
         assert self._js is not None
         spec = streams.agent_commands_consumer(self.agent_id)
+        try:
+            await self._pull_commands(stop, spec)
+        finally:
+            if self._psub is not None:
+                # unconsumed fetch status messages would otherwise make nc.drain() wait for ever
+                with contextlib.suppress(Exception):
+                    await self._psub.unsubscribe()
+
+    async def _pull_commands(self, stop: asyncio.Event, spec: streams.ConsumerSpec) -> None:
+        assert self._js is not None
         psub: JetStreamContext.PullSubscription | None = None
         while not stop.is_set():
             if psub is None:
                 try:
                     # bind only: agents have no $JS.API rights to look up or create consumers
                     psub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+                    self._psub = psub
                 except Exception as exc:
                     self.log.warning("cannot bind to the command consumer", error=str(exc))
                     await self._sleep_or_stop(stop, 2.0)
