@@ -177,12 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = AgentSettings()
         if args.config is not None:
             settings = settings.model_copy(update={"config": args.config})
-        configure_logging(settings.log_format, settings.log_level)
         try:
             identity = load_identity(settings.config)
         except IdentityError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        configure_logging(settings.log_format, settings.log_level)
         asyncio.run(run_agent(settings, identity))
         return 0
     return 2
