@@ -16,8 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from rahatback_api.auth.models import Role
 from rahatback_api.auth.service import add_member, bootstrap_admin, create_user, issue_token
 from rahatback_api.db import run_migrations, session_scope
@@ -25,6 +23,8 @@ from rahatback_api.main import create_app
 from rahatback_api.models import Organization
 from rahatback_api.security.secretbox import SecretBox
 from rahatback_api.settings import Settings
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
 from tests.servers import PostgresServer
 
 PASSWORD = "correct horse battery staple"

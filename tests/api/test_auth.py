@@ -3,15 +3,15 @@ from __future__ import annotations
 from datetime import timedelta
 
 import httpx
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlmodel import select
-
 from rahatback_api.auth.service import bootstrap_admin
 from rahatback_api.columns import utcnow
 from rahatback_api.db import session_scope
 from rahatback_api.errors import AppError
 from rahatback_api.models import ApiToken
 from rahatback_api.security.tokens import hash_token
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import select
+
 from tests.api.conftest import PASSWORD, Tenant, pg_settings
 
 NEW_DB = {"name": "orders", "engine": "postgresql", "settings": pg_settings()}
@@ -34,7 +34,9 @@ async def test_login_then_me(client: httpx.AsyncClient, tenant: Tenant) -> None:
 
 async def test_bad_credentials_get_one_generic_401(client: httpx.AsyncClient, tenant: Tenant) -> None:
     wrong_password = await client.post("/v1/auth/login", json={"email": tenant.email, "password": "nope"})
-    unknown_user = await client.post("/v1/auth/login", json={"email": "ghost@example.com", "password": "nope"})
+    unknown_user = await client.post(
+        "/v1/auth/login", json={"email": "ghost@example.com", "password": "nope"}
+    )
     assert wrong_password.status_code == unknown_user.status_code == 401
     assert wrong_password.json() == unknown_user.json() == {"detail": "invalid email or password"}
 
@@ -49,7 +51,9 @@ async def test_requests_without_a_valid_token_are_401(client: httpx.AsyncClient,
 
 async def test_personal_token_is_shown_once_and_scoped(client: httpx.AsyncClient, tenant: Tenant) -> None:
     r = await client.post(
-        "/v1/tokens", json={"name": "ci read", "scopes": ["read"], "expires_in_days": 7}, headers=tenant.headers
+        "/v1/tokens",
+        json={"name": "ci read", "scopes": ["read"], "expires_in_days": 7},
+        headers=tenant.headers,
     )
     assert r.status_code == 201, r.text
     created = r.json()
@@ -81,7 +85,9 @@ async def test_a_token_cannot_grant_more_than_it_has(client: httpx.AsyncClient, 
 
 
 async def test_revoked_token_is_401(client: httpx.AsyncClient, tenant: Tenant) -> None:
-    created = (await client.post("/v1/tokens", json={"name": "tmp", "scopes": ["*"]}, headers=tenant.headers)).json()
+    created = (
+        await client.post("/v1/tokens", json={"name": "tmp", "scopes": ["*"]}, headers=tenant.headers)
+    ).json()
     headers = {"Authorization": f"Bearer {created['token']}"}
     assert (await client.get("/v1/me", headers=headers)).status_code == 200
 
@@ -94,7 +100,9 @@ async def test_revoked_token_is_401(client: httpx.AsyncClient, tenant: Tenant) -
 async def test_expired_token_is_401(
     client: httpx.AsyncClient, tenant: Tenant, sessionmaker: async_sessionmaker[AsyncSession]
 ) -> None:
-    created = (await client.post("/v1/tokens", json={"name": "old", "scopes": ["*"]}, headers=tenant.headers)).json()
+    created = (
+        await client.post("/v1/tokens", json={"name": "old", "scopes": ["*"]}, headers=tenant.headers)
+    ).json()
     async with session_scope(sessionmaker) as session:
         row = (await session.execute(select(ApiToken).where(ApiToken.id == created["id"]))).scalar_one()
         row.expires_at = utcnow() - timedelta(seconds=1)
@@ -118,7 +126,9 @@ async def test_cannot_revoke_someone_elses_token(client: httpx.AsyncClient, tena
     assert (await client.delete(f"/v1/tokens/{created['id']}", headers=other)).status_code == 404
 
 
-async def test_roles_viewer_reads_operator_writes_admin_deletes(client: httpx.AsyncClient, tenant: Tenant) -> None:
+async def test_roles_viewer_reads_operator_writes_admin_deletes(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
     viewer = await tenant.member("viewer")
     operator = await tenant.member("operator")
     admin = await tenant.member("admin")
@@ -131,7 +141,9 @@ async def test_roles_viewer_reads_operator_writes_admin_deletes(client: httpx.As
     created = await client.post("/v1/databases", json=NEW_DB, headers=operator)
     assert created.status_code == 201
     db_id = created.json()["id"]
-    assert (await client.patch(f"/v1/databases/{db_id}", json={"name": "o2"}, headers=viewer)).status_code == 403
+    assert (
+        await client.patch(f"/v1/databases/{db_id}", json={"name": "o2"}, headers=viewer)
+    ).status_code == 403
     assert (await client.delete(f"/v1/databases/{db_id}", headers=operator)).status_code == 403
     assert (await client.delete(f"/v1/databases/{db_id}", headers=admin)).status_code == 204
     assert (await client.get(f"/v1/databases/{db_id}", headers=viewer)).status_code == 404

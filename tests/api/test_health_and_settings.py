@@ -7,7 +7,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from rahatback_api.main import create_app
 from rahatback_api.settings import ConfigurationError, Settings
 
@@ -30,7 +29,9 @@ async def test_openapi_docs_are_served(client: httpx.AsyncClient) -> None:
 
 
 def test_refuses_to_start_without_master_key_outside_dev(tmp_path: Path) -> None:
-    settings = Settings(database_url="sqlite+aiosqlite:///x.db", master_key=None, dev_mode=False, var_dir=tmp_path)
+    settings = Settings(
+        database_url="sqlite+aiosqlite:///x.db", master_key=None, dev_mode=False, var_dir=tmp_path
+    )
     with pytest.raises(ConfigurationError, match="RAHATBACK_MASTER_KEY is not set"):
         create_app(settings)
     assert not (tmp_path / "master.key").exists()
