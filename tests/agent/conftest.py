@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 from rahatback_agent.identity import AgentIdentity, generate_private_key, private_key_b64, save_identity
 from rahatback_agent.settings import AgentSettings
 from rahatback_agent.supervisor import Supervisor
@@ -81,41 +81,47 @@ class Wiretap:
 
 
 class Reports:
-    """Reads this agent's reports back out of the AGENT_REPORTS stream (what the API consumes)."""
+    """Reads this agent's reports back out of the AGENT_REPORTS stream (what the API consumes), by
+    scanning stored messages in sequence order: exactly what JetStream holds, duplicates included."""
 
     def __init__(self, js: JetStreamContext, agent_id: str) -> None:
         self.js = js
         self.agent_id = agent_id
         self.received: list[tuple[str, dict[str, Any]]] = []
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._next_seq: int | None = None
 
     async def start(self) -> None:
-        self._sub = await self.js.pull_subscribe(
-            f"agent.{self.agent_id}.report.>", stream=streams.AGENT_REPORTS.name
-        )
+        info = await self.js.stream_info(streams.AGENT_REPORTS.name)
+        self._next_seq = info.state.last_seq + 1
 
     async def close(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
+        self._next_seq = None
+
+    async def _poll(self) -> None:
+        assert self._next_seq is not None, "Reports.start() first"
+        info = await self.js.stream_info(streams.AGENT_REPORTS.name)
+        prefix = f"agent.{self.agent_id}.report."
+        while self._next_seq <= info.state.last_seq:
+            try:
+                msg = await self.js.get_msg(streams.AGENT_REPORTS.name, self._next_seq)
+            except NotFoundError:
+                msg = None
+            self._next_seq += 1
+            if msg is not None and msg.subject and msg.subject.startswith(prefix) and msg.data:
+                self.received.append((msg.subject, json.loads(msg.data)))
 
     async def wait_for(
         self, predicate: Callable[[str, dict[str, Any]], bool], within: float = 60.0
     ) -> tuple[str, dict[str, Any]]:
-        assert self._sub is not None
         deadline = asyncio.get_running_loop().time() + within
         while True:
+            await self._poll()
             for subject, body in self.received:
                 if predicate(subject, body):
                     return subject, body
             if asyncio.get_running_loop().time() > deadline:
                 raise AssertionError(f"no matching report within {within} s; got {self.received!r}")
-            try:
-                msgs = await self._sub.fetch(10, timeout=0.5)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
-            for msg in msgs:
-                self.received.append((msg.subject, json.loads(msg.data)))
-                await msg.ack()
+            await asyncio.sleep(0.1)
 
     async def outcome(
         self, kind: str, outcome: str, ident_field: str, ident: str, within: float = 60.0
@@ -133,6 +139,13 @@ class AgentHarness:
     reports: Reports
     wiretap: Wiretap
     storage_dir: Path
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    async def shut_down(self) -> None:
+        """What SIGTERM does in the real process: set the stop event and wait for the drain."""
+        self.stop.set()
+        await asyncio.wait_for(self.task, 60)
 
     @property
     def agent_id(self) -> str:
@@ -165,7 +178,7 @@ async def api_nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
 
 @contextlib.asynccontextmanager
 async def running_agent(
-    nats_server: NatsServer, api_nc: NATS, tmp_path: Path, **settings: Any
+    nats_server: NatsServer, api_nc: NATS, tmp_path: Path, *, reports_ready: bool = True, **settings: Any
 ) -> AsyncIterator[AgentHarness]:
     js = api_nc.jetstream()
     identity = make_identity(nats_server.url)
@@ -177,7 +190,8 @@ async def running_agent(
 
     tap_sub = await api_nc.subscribe(">", cb=tap)
     reports = Reports(js, identity.agent_id)
-    await reports.start()
+    if reports_ready:  # otherwise the test creates AGENT_REPORTS later and starts reading then
+        await reports.start()
     storage_dir = tmp_path / "storage"
     storage_dir.mkdir()
     agent_settings = AgentSettings(
@@ -202,9 +216,9 @@ async def running_agent(
         # like the API, talk to the agent only once it has said it is online
         await asyncio.wait_for(online.wait(), 20)
         await beat_sub.unsubscribe()
-        yield AgentHarness(identity, api_nc, js, reports, wiretap, storage_dir)
+        yield AgentHarness(identity, api_nc, js, reports, wiretap, storage_dir, stop, task)
     finally:
         stop.set()
-        await asyncio.wait_for(task, 60)
+        await asyncio.wait_for(task, 60)  # returns at once if a test already shut it down
         await tap_sub.unsubscribe()
         await reports.close()
