@@ -63,3 +63,16 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.agent_offline_seconds == 45
     assert settings.log_format == "json"
     assert key not in repr(settings)
+
+
+async def test_dev_mode_migrates_at_startup(tmp_path: Path) -> None:
+    settings = Settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'dev.db'}", dev_mode=True, var_dir=tmp_path / "var"
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
+            r = await client.post("/v1/auth/login", json={"email": "a@example.com", "password": "x"})
+    assert r.status_code == 401  # the users table exists: the schema was migrated on start
+    assert (tmp_path / "var" / "master.key").exists()
