@@ -152,3 +152,15 @@ async def test_malformed_json_is_422_not_500(client: httpx.AsyncClient, tenant: 
         "/v1/databases", content=b"{not json", headers={**tenant.headers, "Content-Type": "application/json"}
     )
     assert r.status_code == 422
+
+
+async def test_unknown_or_read_only_fields_are_rejected(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    db = await create_database(client, tenant)
+    r = await client.patch(f"/v1/databases/{db['id']}", json={"engine": "sqlite"}, headers=tenant.headers)
+    assert error_locs(r) == [["body", "engine"]]
+    r = await client.post(
+        "/v1/backups/jobs",
+        json={"name": "j", "database_id": db["id"], "storage_id": "x", "key_id": "mine"},
+        headers=tenant.headers,
+    )
+    assert ["body", "key_id"] in error_locs(r)

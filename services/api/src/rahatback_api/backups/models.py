@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Generic, Literal, TypeVar
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 from pydantic import Field as PydanticField
 from sqlalchemy import BigInteger, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
@@ -132,6 +132,8 @@ class _ScheduleFields(BaseModel):
 
 
 class BackupJobCreate(_ScheduleFields):
+    model_config = ConfigDict(extra="forbid")  # a misspelt or read-only field is a 422
+
     name: str = PydanticField(min_length=1, max_length=200)
     database_id: str
     storage_id: str
@@ -144,6 +146,8 @@ class BackupJobCreate(_ScheduleFields):
 
 
 class BackupJobUpdate(_ScheduleFields):
+    model_config = ConfigDict(extra="forbid")  # a misspelt or read-only field is a 422
+
     name: str | None = PydanticField(default=None, min_length=1, max_length=200)
     database_id: str | None = None
     storage_id: str | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from pydantic import Field as PydanticField
 from sqlalchemy import JSON, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
@@ -31,6 +31,8 @@ class Database(SQLModel, table=True):
 
 
 class DatabaseCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt or read-only field is a 422
+
     name: str = PydanticField(min_length=1, max_length=200)
     engine: EngineName
     agent_id: str | None = None
@@ -39,6 +41,8 @@ class DatabaseCreate(BaseModel):
 
 
 class DatabaseUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt or read-only field is a 422
+
     name: str | None = PydanticField(default=None, min_length=1, max_length=200)
     agent_id: str | None = None
     # merged over the stored settings; secret fields replace the stored secret

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from pydantic import Field as PydanticField
 from sqlalchemy import JSON, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
@@ -31,6 +31,8 @@ class Storage(SQLModel, table=True):
 
 
 class StorageCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt or read-only field is a 422
+
     name: str = PydanticField(min_length=1, max_length=200)
     kind: StorageKindName
     agent_id: str | None = None
@@ -38,6 +40,8 @@ class StorageCreate(BaseModel):
 
 
 class StorageUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt or read-only field is a 422
+
     name: str | None = PydanticField(default=None, min_length=1, max_length=200)
     agent_id: str | None = None
     settings: dict[str, Any] | None = None
