@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import LargeBinary
+from sqlalchemy import Text
 from sqlmodel import Field, SQLModel
 
 from rahatback_api.columns import ID_LENGTH, UTCDateTime, new_id, utcnow
@@ -22,7 +22,7 @@ class OutboxMessage(SQLModel, table=True):
     id: str = Field(default_factory=new_id, primary_key=True, max_length=ID_LENGTH)
     subject: str = Field(max_length=255)
     msg_id: str = Field(max_length=255, unique=True)
-    payload: bytes = Field(sa_type=LargeBinary)
+    payload: str = Field(sa_type=Text)  # the JSON message body
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
     published_at: datetime | None = Field(default=None, sa_type=UTCDateTime, index=True)
 
