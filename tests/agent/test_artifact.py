@@ -110,7 +110,8 @@ def test_key_lookup_by_key_id() -> None:
     assert b"".join(dec.feed(artifact)) == b"data"
     dec.finish()
     with pytest.raises(ArtifactError, match="no key available for key id 'nope'"):
-        ArtifactDecryptor({}.__getitem__).feed(seal(b"x", key_id="nope"))
+        no_keys: dict[str, bytes] = {}
+        ArtifactDecryptor(no_keys.__getitem__).feed(seal(b"x", key_id="nope"))
 
 
 def test_every_single_bit_flip_is_detected() -> None:

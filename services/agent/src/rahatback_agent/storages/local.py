@@ -117,8 +117,9 @@ class LocalStorage:
         return self.root.joinpath(*parts)
 
     def _open_temp(self, final: Path) -> tuple[Path, IO[bytes]]:
+        # Checked first so an unmounted NAS share is reported as such, not as "cannot create".
         if not self.root.is_dir():
-            raise FileNotFoundError(errno.ENOENT, "storage folder does not exist", str(self.root))
+            raise StorageError("folder_missing", f"storage folder {str(self.root)!r} does not exist")
         final.parent.mkdir(parents=True, exist_ok=True)
         temp = final.parent / f"{TEMP_PREFIX}{final.name}.{secrets.token_hex(8)}"
         fh = open(temp, "xb")  # noqa: SIM115 - the writer owns the handle until commit/abort
@@ -128,8 +129,6 @@ class LocalStorage:
         final = self._path(key)
         try:
             temp, fh = await asyncio.to_thread(self._open_temp, final)
-        except FileNotFoundError as exc:
-            raise StorageError("folder_missing", f"storage folder {str(self.root)!r} does not exist") from exc
         except OSError as exc:
             raise StorageError(
                 "not_writable", f"cannot create {key!r} under {str(self.root)!r}: {_describe(exc)}"
