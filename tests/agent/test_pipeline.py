@@ -197,20 +197,21 @@ async def test_slow_writer_slows_the_source(compression: Compression) -> None:
     task = asyncio.create_task(
         run_backup_pipeline(source(), writer, compression=compression, level=1, job_key=JOB_KEY, key_id="k")
     )
-    # Wait until the pipeline stops pulling: every queue is full and the writer is blocked.
-    last, stable = -1, 0
-    for _ in range(400):
-        await asyncio.sleep(0.02)
-        stable = stable + 1 if pulled == last else 0
-        last = pulled
-        if stable >= 10:
-            break
-    assert stable >= 10, "the pipeline never stopped pulling from the source"
-    assert writer.data == b""
-    assert 0 < pulled <= 32 << 20, f"pulled {pulled >> 20} MiB while the writer accepted nothing"
-
-    writer.gate.set()
-    result = await task
+    try:
+        # Wait until the pipeline stops pulling: every queue is full and the writer is blocked.
+        last, stable = -1, 0
+        for _ in range(400):
+            await asyncio.sleep(0.02)
+            stable = stable + 1 if pulled == last else 0
+            last = pulled
+            if stable >= 10:
+                break
+        assert stable >= 10, "the pipeline never stopped pulling from the source"
+        assert writer.data == b""
+        assert 0 < pulled <= 32 << 20, f"pulled {pulled >> 20} MiB while the writer accepted nothing"
+    finally:
+        writer.gate.set()
+        result = await task
     assert pulled == total
     assert result.dump_size == total
     assert result.artifact_size == len(writer.data)
