@@ -26,7 +26,9 @@ def call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     token = (VAR / "admin-token").read_text().strip()
     print(f"  → {method} {path}" + (f"  {json.dumps(body)}" if body else ""))
     request = urllib.request.Request(  # noqa: S310 - the local API
-        API + path, method=method, data=json.dumps(body).encode() if body is not None else None,
+        API + path,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     try:
@@ -80,30 +82,66 @@ def main() -> None:
 
     step("Register it and test the connection (through NATS, by the agent)")
     suffix = time.strftime("%H%M%S")
-    db = call("POST", "/v1/databases", {"name": f"shop-{suffix}", "engine": "sqlite",
-                                        "agent_id": agent["id"], "settings": {"path": str(source)}})
+    db = call(
+        "POST",
+        "/v1/databases",
+        {
+            "name": f"shop-{suffix}",
+            "engine": "sqlite",
+            "agent_id": agent["id"],
+            "settings": {"path": str(source)},
+        },
+    )
     test = call("POST", f"/v1/databases/{db['id']}/test")
     print(f"    ok={test['ok']} version={test.get('server_version')} latency={test.get('latency_ms')} ms")
 
     step("Add a local storage folder and a backup job (zstd, encrypted)")
-    storage = call("POST", "/v1/storages", {"name": f"local-{suffix}", "kind": "local", "agent_id": agent["id"],
-                                            "settings": {"path": str(VAR / "backups")}})
-    job = call("POST", "/v1/backups/jobs", {"name": f"shop-nightly-{suffix}", "database_id": db["id"],
-                                            "storage_id": storage["id"], "cron": "0 3 * * *",
-                                            "timezone": "Europe/Istanbul"})
+    (VAR / "backups").mkdir(exist_ok=True)
+    storage = call(
+        "POST",
+        "/v1/storages",
+        {
+            "name": f"local-{suffix}",
+            "kind": "local",
+            "agent_id": agent["id"],
+            "settings": {"path": str(VAR / "backups")},
+        },
+    )
+    job = call(
+        "POST",
+        "/v1/backups/jobs",
+        {
+            "name": f"shop-nightly-{suffix}",
+            "database_id": db["id"],
+            "storage_id": storage["id"],
+            "cron": "0 3 * * *",
+            "timezone": "Europe/Istanbul",
+        },
+    )
 
     step("Run the job now and wait for it")
     run = call("POST", f"/v1/backups/jobs/{job['id']}/run")
     run = wait(f"/v1/backups/history/{run['id']}", {"completed", "failed"})
     if run["status"] != "completed":
         raise SystemExit(f"backup failed: {run['error']}")
-    print(f"    {run['dump_size']} bytes dumped → {run['artifact_size']} bytes stored in {run['duration_ms']} ms")
+    print(
+        f"    {run['dump_size']} bytes dumped → {run['artifact_size']} bytes stored"
+        f" in {run['duration_ms']} ms"
+    )
     print(f"    {VAR / 'backups' / run['storage_key']}")
     print(f"    sha256 {run['artifact_sha256']}")
 
     step(f"Restore it into a new database file: {restored}")
-    target = call("POST", "/v1/databases", {"name": f"shop-restored-{suffix}", "engine": "sqlite",
-                                            "agent_id": agent["id"], "settings": {"path": str(restored)}})
+    target = call(
+        "POST",
+        "/v1/databases",
+        {
+            "name": f"shop-restored-{suffix}",
+            "engine": "sqlite",
+            "agent_id": agent["id"],
+            "settings": {"path": str(restored)},
+        },
+    )
     restore = call("POST", f"/v1/backups/history/{run['id']}/restore", {"database_id": target["id"]})
     restore = wait(f"/v1/backups/restores/{restore['id']}", {"completed", "failed"})
     if restore["status"] != "completed":
@@ -111,8 +149,10 @@ def main() -> None:
 
     step("Compare")
     same = rows(source) == rows(restored)
-    print(f"  source {len(rows(source))} rows, restored {len(rows(restored))} rows: "
-          + ("identical ✔" if same else "DIFFERENT ✘"))
+    print(
+        f"  source {len(rows(source))} rows, restored {len(rows(restored))} rows: "
+        + ("identical ✔" if same else "DIFFERENT ✘")
+    )
     sys.exit(0 if same else 1)
 
 

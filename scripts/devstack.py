@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -42,7 +43,9 @@ def wait_for(url: str, timeout: float = 30.0) -> None:
     raise SystemExit(f"{url} did not become ready within {timeout:.0f} s (see var/*.log)")
 
 
-def api_call(api: str, token: str, method: str, path: str, body: dict[str, object] | None = None) -> dict[str, object]:
+def api_call(
+    api: str, token: str, method: str, path: str, body: dict[str, object] | None = None
+) -> Any:
     request = urllib.request.Request(  # noqa: S310 - local URL we built
         api + path,
         method=method,
@@ -50,7 +53,7 @@ def api_call(api: str, token: str, method: str, path: str, body: dict[str, objec
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
-        return dict(json.loads(response.read()))
+        return json.loads(response.read())
 
 
 class Stack:
@@ -82,8 +85,19 @@ class Stack:
         for port, what in ((self.api_port, "API"), (self.nats_port, "NATS")):
             if not port_free(port):
                 raise SystemExit(f"port {port} for the {what} is taken: is `make up` already running?")
-        self.spawn("nats", [str(BIN / "nats-server"), "-js", "-sd", str(self.var / "nats"),
-                            "-a", "127.0.0.1", "-p", str(self.nats_port)])
+        self.spawn(
+            "nats",
+            [
+                str(BIN / "nats-server"),
+                "-js",
+                "-sd",
+                str(self.var / "nats"),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.nats_port),
+            ],
+        )
         token = self.bootstrap_admin()
         self.start_api()
         self.enroll_agent(token)
@@ -91,7 +105,9 @@ class Stack:
         return token
 
     def start_api(self) -> None:
-        self.spawn("api", [str(BIN / "rahatback-api"), "serve", "--host", "127.0.0.1", "--port", str(self.api_port)])
+        self.spawn(
+            "api", [str(BIN / "rahatback-api"), "serve", "--host", "127.0.0.1", "--port", str(self.api_port)]
+        )
         wait_for(self.api + "/readyz")
 
     def start_agent(self, token: str) -> None:
@@ -116,11 +132,14 @@ class Stack:
         password = secrets.token_urlsafe(16)
         subprocess.run([str(BIN / "rahatback-api"), "migrate"], env=self.env, check=True, cwd=ROOT)
         out = subprocess.run(
-            [str(BIN / "rahatback-api"), "create-admin", "--email", "admin@localhost",
-             "--password-stdin", "--org", "Local"],
-            env=self.env, check=True, cwd=ROOT, input=password, capture_output=True, text=True,
+            [str(BIN / "rahatback-api"), "create-admin", "--email", "admin@localhost", "--org", "Local"],
+            env={**self.env, "RAHATBACK_ADMIN_PASSWORD": password},
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
-        token = out.stdout.strip().splitlines()[-1]
+        token = out.stdout.strip().splitlines()[-1].rsplit(": ", 1)[-1]
         for path, value in ((token_file, token), (self.var / "admin-password", password)):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
@@ -132,17 +151,25 @@ class Stack:
             return
         enrollment = api_call(self.api, token, "POST", "/v1/agents/enrollment-tokens", {"ttl_minutes": 10})
         subprocess.run(
-            [str(BIN / "rahatback-agent"), "enroll", "--api", self.api, "--token", str(enrollment["token"]),
-             "--name", "local-agent"],
-            env=self.env, check=True, cwd=ROOT,
+            [
+                str(BIN / "rahatback-agent"),
+                "enroll",
+                "--api",
+                self.api,
+                "--token",
+                str(enrollment["token"]),
+                "--name",
+                "local-agent",
+            ],
+            env=self.env,
+            check=True,
+            cwd=ROOT,
         )
 
     def wait_agent_online(self, token: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            agents = api_call(self.api, token, "GET", "/v1/agents")
-            items = agents.get("items", agents) if isinstance(agents, dict) else agents
-            if any(a.get("online") for a in items):  # type: ignore[union-attr]
+            if any(agent["online"] for agent in api_call(self.api, token, "GET", "/v1/agents")):
                 return
             time.sleep(0.5)
         raise SystemExit("the local agent did not come online (see var/agent.log)")
@@ -174,7 +201,8 @@ def main() -> None:
             f"\nRahatBack is running.\n"
             f"  API          {stack.api}/v1   (docs: {stack.api}/docs)\n"
             f"  admin token  {token}\n"
-            f"               (also in {args.var}/admin-token; login admin@localhost / {args.var}/admin-password)\n"
+            f"               (also in {args.var}/admin-token;\n"
+            f"                login admin@localhost, password in {args.var}/admin-password)\n"
             f"  NATS         {stack.nats_url}   logs: {args.var}/*.log\n\n"
             f"Try a first backup in another terminal:  make demo\n"
             f"Ctrl-C stops the stack.\n",

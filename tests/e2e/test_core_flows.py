@@ -28,16 +28,16 @@ SOURCE_DB = "shop"
 TARGET_DB = "shop_restored"
 
 SEED_SQL = """
-create table customers (id serial primary key, name text not null, email text unique, balance numeric(12,2),
-                        joined timestamptz default now(), meta jsonb, photo bytea);
+create table customers (id serial primary key, name text not null, email text unique,
+                        balance numeric(12,2), joined timestamptz default now(), meta jsonb, photo bytea);
 create table orders (id bigserial primary key, customer_id int references customers(id), total numeric(10,2),
                      note text);
 create index orders_customer on orders(customer_id);
-create view big_spenders as select c.name, sum(o.total) total from customers c join orders o on o.customer_id=c.id
-  group by c.name having sum(o.total) > 1000;
+create view big_spenders as select c.name, sum(o.total) total
+  from customers c join orders o on o.customer_id=c.id group by c.name having sum(o.total) > 1000;
 insert into customers (name, email, balance, meta, photo)
-  select 'Müşteri ' || i || ' ✓', 'c' || i || '@example.com', i * 1.5, jsonb_build_object('i', i, 'tags', array['a','b']),
-         decode(md5(i::text), 'hex')
+  select 'Müşteri ' || i || ' ✓', 'c' || i || '@example.com', i * 1.5,
+         jsonb_build_object('i', i, 'tags', array['a','b']), decode(md5(i::text), 'hex')
   from generate_series(1, 5000) i;
 insert into orders (customer_id, total, note)
   select 1 + (i % 5000), (i % 997) * 1.25, case when i % 7 = 0 then null else repeat('x', i % 50) end
@@ -69,11 +69,13 @@ class NatsTap:
         nc = await nats.connect(self.url)
 
         async def record(msg: Any) -> None:
-            self.bodies.append(msg.subject.encode() + b" " + msg.data + json.dumps(msg.headers or {}).encode())
+            self.bodies.append(
+                msg.subject.encode() + b" " + msg.data + json.dumps(msg.headers or {}).encode()
+            )
 
         await nc.subscribe(">", cb=record)
         self._ready.set()
-        while not self._stop.is_set():
+        while not self._stop.is_set():  # noqa: ASYNC110 - the stop flag is set from another thread
             await asyncio.sleep(0.05)
         await nc.drain()
 
@@ -96,7 +98,9 @@ def databases(postgres: PostgresServer) -> PostgresServer:
     return postgres
 
 
-def test_backup_and_restore_postgresql_end_to_end(stack: Client, databases: PostgresServer, tmp_path: Path) -> None:
+def test_backup_and_restore_postgresql_end_to_end(
+    stack: Client, databases: PostgresServer, tmp_path: Path
+) -> None:
     pg = databases
     password = pg.password
     agents = stack.ok("GET", "/v1/agents")
@@ -104,34 +108,69 @@ def test_backup_and_restore_postgresql_end_to_end(stack: Client, databases: Post
     agent_id = agents[0]["id"]
 
     settings = {"host": pg.host, "port": pg.port, "user": pg.user, "database": SOURCE_DB}
-    created = stack.call("POST", "/v1/databases", {
-        "name": "shop", "engine": "postgresql", "agent_id": agent_id, "settings": {**settings, "password": password},
-    })
+    created = stack.call(
+        "POST",
+        "/v1/databases",
+        {
+            "name": "shop",
+            "engine": "postgresql",
+            "agent_id": agent_id,
+            "settings": {**settings, "password": password},
+        },
+    )
     assert created.status_code == 201, created.text
     assert password not in created.text
     source = created.json()
-    target = stack.ok("POST", "/v1/databases", {
-        "name": "shop-restored", "engine": "postgresql", "agent_id": agent_id,
-        "settings": {**settings, "database": TARGET_DB, "password": password},
-    })
+    target = stack.ok(
+        "POST",
+        "/v1/databases",
+        {
+            "name": "shop-restored",
+            "engine": "postgresql",
+            "agent_id": agent_id,
+            "settings": {**settings, "database": TARGET_DB, "password": password},
+        },
+    )
 
     # connection tests: saved database, and unsaved credentials with a wrong password / unknown database
     good = stack.ok("POST", f"/v1/databases/{source['id']}/test")
     assert good["ok"] is True and good["server_version"].startswith("15") and good["latency_ms"] > 0
-    bad = stack.ok("POST", "/v1/databases/test-connection", {
-        "engine": "postgresql", "settings": {**settings, "password": "wrong-password"}})
+    bad = stack.ok(
+        "POST",
+        "/v1/databases/test-connection",
+        {"engine": "postgresql", "settings": {**settings, "password": "wrong-password"}},
+    )
     assert bad["ok"] is False and bad["error_code"] == "auth_failed" and "password" in bad["error"]
-    unknown = stack.ok("POST", "/v1/databases/test-connection", {
-        "engine": "postgresql", "settings": {**settings, "database": "nope", "password": password}})
-    assert unknown["ok"] is False and unknown["error_code"] == "unknown_database" and "nope" in unknown["error"]
+    unknown = stack.ok(
+        "POST",
+        "/v1/databases/test-connection",
+        {"engine": "postgresql", "settings": {**settings, "database": "nope", "password": password}},
+    )
+    assert (
+        unknown["ok"] is False and unknown["error_code"] == "unknown_database" and "nope" in unknown["error"]
+    )
 
     backups = tmp_path / "backups"
-    storage = stack.ok("POST", "/v1/storages", {
-        "name": "local", "kind": "local", "agent_id": agent_id, "settings": {"path": str(backups)}})
-    job = stack.ok("POST", "/v1/backups/jobs", {
-        "name": "shop-nightly", "database_id": source["id"], "storage_id": storage["id"],
-        "compression": "zstd", "compression_level": 3, "encryption_enabled": True,
-        "cron": "0 3 * * *", "timezone": "Europe/Istanbul"})
+    backups.mkdir()  # the agent refuses to create a missing storage root (an unmounted NAS must fail loudly)
+    storage = stack.ok(
+        "POST",
+        "/v1/storages",
+        {"name": "local", "kind": "local", "agent_id": agent_id, "settings": {"path": str(backups)}},
+    )
+    job = stack.ok(
+        "POST",
+        "/v1/backups/jobs",
+        {
+            "name": "shop-nightly",
+            "database_id": source["id"],
+            "storage_id": storage["id"],
+            "compression": "zstd",
+            "compression_level": 3,
+            "encryption_enabled": True,
+            "cron": "0 3 * * *",
+            "timezone": "Europe/Istanbul",
+        },
+    )
 
     with NatsTap(stack.stack.nats_url) as tap:
         run = stack.ok("POST", f"/v1/backups/jobs/{job['id']}/run")
@@ -140,7 +179,7 @@ def test_backup_and_restore_postgresql_end_to_end(stack: Client, databases: Post
         run = wait_status(stack, f"/v1/backups/history/{run['id']}", {"completed", "failed"})
     assert run["status"] == "completed", run["error"]
     artifact = backups / run["storage_key"]
-    assert artifact.name.endswith(".sql.zst.rbk") and "/shop/" in run["storage_key"]
+    assert artifact.name.endswith(".sql.zst.rbk") and run["storage_key"].startswith("shop/")
     assert run["artifact_size"] == artifact.stat().st_size
     assert run["artifact_sha256"] == hashlib.sha256(artifact.read_bytes()).hexdigest()
     assert run["dump_size"] > run["artifact_size"] > 0
@@ -178,7 +217,12 @@ def test_backup_and_restore_postgresql_end_to_end(stack: Client, databases: Post
     assert table_fingerprint(pg, TARGET_DB) == before
 
     # secrets never in responses or logs
-    for path in ("/v1/databases", f"/v1/databases/{source['id']}", "/v1/backups/history", f"/v1/backups/jobs/{job['id']}"):
+    for path in (
+        "/v1/databases",
+        f"/v1/databases/{source['id']}",
+        "/v1/backups/history",
+        f"/v1/backups/jobs/{job['id']}",
+    ):
         assert password not in stack.call("GET", path).text
     assert password not in stack_logs(stack.stack.var)
 

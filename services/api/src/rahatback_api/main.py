@@ -22,6 +22,8 @@ from rahatback_api.databases.router import router as databases_router
 from rahatback_api.db import create_engine, create_sessionmaker, run_migrations, session_scope
 from rahatback_api.errors import AppError, install_error_handlers
 from rahatback_api.logs import configure_logging
+from rahatback_api.operations.lifespan import nats_lifespan
+from rahatback_api.operations.router import router as operations_router
 from rahatback_api.request_id import RequestIdMiddleware
 from rahatback_api.security.secretbox import SecretBox
 from rahatback_api.settings import ConfigurationError, Settings
@@ -45,12 +47,13 @@ ROUTERS: list[APIRouter] = [
     databases_router,
     storages_router,
     backups_router,
+    operations_router,
 ]
 
 # Extra lifespan steps (NATS connection, outbox relay, consumers), entered in order after the
 # database is ready and exited in reverse before it closes. Each gets the app and may use app.state.
 LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[None]]
-LIFESPAN_HOOKS: list[LifespanHook] = []
+LIFESPAN_HOOKS: list[LifespanHook] = [nats_lifespan]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

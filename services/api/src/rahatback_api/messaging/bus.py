@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 import nats
@@ -13,7 +14,6 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
-
 from rahatback_contracts import streams
 from rahatback_contracts.messages import Message
 
@@ -94,12 +94,11 @@ class Bus:
         await self.ensure_consumer(streams.agent_commands_consumer(agent_id))
 
     async def remove_agent_consumer(self, agent_id: str) -> None:
-        try:
-            await self.js.delete_consumer(streams.AGENT_COMMANDS.name, streams.agent_commands_consumer(agent_id).durable)
-        except NotFoundError:
-            pass
+        durable = streams.agent_commands_consumer(agent_id).durable
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_consumer(streams.AGENT_COMMANDS.name, durable)
 
-    async def request(self, subject: str, message: Message, timeout: float) -> bytes:
+    async def request(self, subject: str, message: Message, timeout: float) -> bytes:  # noqa: ASYNC109 - passed to NATS
         try:
             reply = await self.nc.request(subject, message.to_bytes(), timeout=timeout)
         except NoRespondersError as exc:

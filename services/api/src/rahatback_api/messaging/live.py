@@ -14,7 +14,6 @@ from typing import Any
 
 import structlog
 from nats.aio.msg import Msg
-
 from rahatback_contracts import messages as m
 from rahatback_contracts import streams
 

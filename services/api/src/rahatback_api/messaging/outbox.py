@@ -13,12 +13,11 @@ import uuid
 from datetime import UTC, datetime
 
 import structlog
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlmodel import col, select
-
 from rahatback_api.db import OUTBOX_PENDING
 from rahatback_api.models import OutboxMessage
 from rahatback_contracts.messages import Message
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col, select
 
 from .bus import Bus
 
@@ -39,7 +38,9 @@ def enqueue(session: AsyncSession, subject: str, message: Message, msg_id: str) 
 
 
 class OutboxRelay:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], bus: Bus, poll_seconds: float = 2.0) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], bus: Bus, poll_seconds: float = 2.0
+    ) -> None:
         self._sessions = sessions
         self._bus = bus
         self._poll_seconds = poll_seconds
@@ -65,13 +66,17 @@ class OutboxRelay:
         while True:
             async with self._sessions() as session:
                 rows = (
-                    await session.execute(
-                        select(OutboxMessage)
-                        .where(col(OutboxMessage.published_at).is_(None))
-                        .order_by(col(OutboxMessage.created_at))
-                        .limit(batch)
+                    (
+                        await session.execute(
+                            select(OutboxMessage)
+                            .where(col(OutboxMessage.published_at).is_(None))
+                            .order_by(col(OutboxMessage.created_at))
+                            .limit(batch)
+                        )
                     )
-                ).scalars().all()
+                    .scalars()
+                    .all()
+                )
                 if not rows:
                     return published
                 for row in rows:

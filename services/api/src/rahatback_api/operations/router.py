@@ -10,12 +10,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import text
-
 from rahatback_api.agents.service import consume_enrollment_token
 from rahatback_api.auth.deps import CurrentPrincipal, OperatorPrincipal
 from rahatback_api.backups.models import BackupRunPublic, RestoreRunPublic
-from rahatback_api.backups.service import get_job, get_run, run_public, restore_public
+from rahatback_api.backups.service import get_job, get_run, restore_public, run_public
 from rahatback_api.databases.engines import ENGINES, EngineName
 from rahatback_api.databases.service import database_target_parts, get_database
 from rahatback_api.db import SessionDep
@@ -24,6 +22,7 @@ from rahatback_api.messaging.bus import Bus
 from rahatback_api.messaging.live import LiveHub, sse_frame
 from rahatback_api.models import Agent
 from rahatback_contracts import messages as m
+from sqlalchemy import text
 
 from . import service
 
@@ -64,14 +63,21 @@ class EnrollResponse(BaseModel):
 
 
 @router.post("/v1/agents/enroll", status_code=status.HTTP_201_CREATED, response_model=EnrollResponse)
-async def enroll(body: EnrollRequest, session: SessionDep, settings: SettingsDep, bus: BusDep) -> EnrollResponse:
+async def enroll(
+    body: EnrollRequest, session: SessionDep, settings: SettingsDep, bus: BusDep
+) -> EnrollResponse:
     """Exchange a one-time enrollment token for an agent identity (the agent keeps its private key)."""
     enrollment = await consume_enrollment_token(session, body.token)
     service.check_public_key(body.x25519_public_key)
     agent = Agent(
-        id=service.new_id(), org_id=enrollment.org_id, name=body.name, hostname=body.hostname,
-        version=body.version, x25519_public_key=body.x25519_public_key,
-        engines=body.engines, storages=body.storages,
+        id=service.new_id(),
+        org_id=enrollment.org_id,
+        name=body.name,
+        hostname=body.hostname,
+        version=body.version,
+        x25519_public_key=body.x25519_public_key,
+        engines=body.engines,
+        storages=body.storages,
     )
     session.add(agent)
     await session.flush()
@@ -91,32 +97,49 @@ class ConnectionTest(BaseModel):
 
 @router.post("/v1/databases/test-connection", response_model=m.DbTestReply)
 async def test_unsaved_connection(
-    body: ConnectionTest, principal: OperatorPrincipal, session: SessionDep, box: SecretBoxDep,
-    settings: SettingsDep, bus: BusDep,
+    body: ConnectionTest,
+    principal: OperatorPrincipal,
+    session: SessionDep,
+    box: SecretBoxDep,
+    settings: SettingsDep,
+    bus: BusDep,
 ) -> m.DbTestReply:
     """Test credentials before saving them. A failed login is `ok: false` with the cause; 409 = no agent."""
     public, secrets = ENGINES[body.engine].split(body.settings)
     agent = await service.choose_agent(session, principal.org_id, body.agent_id, _offline_after(settings))
 
     def target(info: str) -> m.DatabaseTarget:
-        return service.database_target(box, None, engine=body.engine, name="(unsaved)", settings=public,
-                                       secrets=secrets, agent=agent, info=info)
+        return service.database_target(
+            box,
+            None,
+            engine=body.engine,
+            name="(unsaved)",
+            settings=public,
+            secrets=secrets,
+            agent=agent,
+            info=info,
+        )
 
     return await service.test_connection(bus, agent, target)
 
 
 @router.post("/v1/databases/{database_id}/test", response_model=m.DbTestReply)
 async def test_saved_connection(
-    database_id: str, principal: OperatorPrincipal, session: SessionDep, box: SecretBoxDep,
-    settings: SettingsDep, bus: BusDep,
+    database_id: str,
+    principal: OperatorPrincipal,
+    session: SessionDep,
+    box: SecretBoxDep,
+    settings: SettingsDep,
+    bus: BusDep,
 ) -> m.DbTestReply:
     db = await get_database(session, principal.org_id, database_id)
     engine, public, secrets = database_target_parts(box, db)
     agent = await service.choose_agent(session, principal.org_id, db.agent_id, _offline_after(settings))
 
     def target(info: str) -> m.DatabaseTarget:
-        return service.database_target(box, db, engine=engine, name=db.name, settings=public,
-                                       secrets=secrets, agent=agent, info=info)
+        return service.database_target(
+            box, db, engine=engine, name=db.name, settings=public, secrets=secrets, agent=agent, info=info
+        )
 
     return await service.test_connection(bus, agent, target)
 
@@ -124,13 +147,21 @@ async def test_saved_connection(
 # -------------------------------------------------------------------------------- run, restore
 
 
-@router.post("/v1/backups/jobs/{job_id}/run", status_code=status.HTTP_202_ACCEPTED, response_model=BackupRunPublic)
+@router.post(
+    "/v1/backups/jobs/{job_id}/run", status_code=status.HTTP_202_ACCEPTED, response_model=BackupRunPublic
+)
 async def run_job_now(
-    job_id: str, principal: OperatorPrincipal, session: SessionDep, box: SecretBoxDep, settings: SettingsDep,
+    job_id: str,
+    principal: OperatorPrincipal,
+    session: SessionDep,
+    box: SecretBoxDep,
+    settings: SettingsDep,
 ) -> BackupRunPublic:
     """Queue a backup now; 409 if this job is already queued or running."""
     job = await get_job(session, principal.org_id, job_id)
-    run = await service.start_backup(session, box, job, trigger="manual", offline_after=_offline_after(settings))
+    run = await service.start_backup(
+        session, box, job, trigger="manual", offline_after=_offline_after(settings)
+    )
     return run_public(run)
 
 
@@ -139,10 +170,16 @@ class RestoreRequest(BaseModel):
 
 
 @router.post(
-    "/v1/backups/history/{run_id}/restore", status_code=status.HTTP_202_ACCEPTED, response_model=RestoreRunPublic
+    "/v1/backups/history/{run_id}/restore",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=RestoreRunPublic,
 )
 async def restore_run(
-    run_id: str, principal: OperatorPrincipal, session: SessionDep, box: SecretBoxDep, settings: SettingsDep,
+    run_id: str,
+    principal: OperatorPrincipal,
+    session: SessionDep,
+    box: SecretBoxDep,
+    settings: SettingsDep,
     body: RestoreRequest | None = None,
 ) -> RestoreRunPublic:
     """Restore a backup into its own database or another registered database of the same engine."""
@@ -176,7 +213,9 @@ async def live_events(principal: CurrentPrincipal, request: Request) -> Streamin
             hub.unsubscribe(principal.org_id, queue)
 
     return StreamingResponse(
-        frames(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        frames(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
@@ -195,4 +234,6 @@ async def readyz(request: Request) -> JSONResponse:
     bus: Bus | None = getattr(request.app.state, "bus", None)
     checks["nats"] = "ok" if bus is not None and bus.connected else "error: not connected"
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
+    )

@@ -15,21 +15,25 @@ from typing import Any
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-from sqlmodel import col, select
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from rahatback_api.errors import AppError, Conflict, NotFound
+from rahatback_api.agents.service import is_online as _is_online
+from rahatback_api.backups.service import load_job_key
+from rahatback_api.databases.service import database_target_parts
+from rahatback_api.errors import AppError, Conflict
 from rahatback_api.messaging.bus import AgentOffline, Bus
 from rahatback_api.messaging.outbox import enqueue
 from rahatback_api.messaging.sealing import seal_for_agent
 from rahatback_api.models import Agent, BackupJob, BackupRun, Database, ProcessedMessage, RestoreRun, Storage
 from rahatback_api.security.secretbox import SecretBox
+from rahatback_api.storages.service import storage_target_parts
 from rahatback_contracts import messages as m
 from rahatback_contracts import subjects
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col, select
 
 log = structlog.get_logger(__name__)
 
 COMMAND_TTL = timedelta(hours=6)
+SWEEP_INTERVAL = timedelta(seconds=10)
 RPC_TIMEOUT_SECONDS = 20.0
 ACTIVE = ("queued", "running")
 
@@ -42,13 +46,6 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; everything we store is UTC
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=UTC)
-
-
 # ------------------------------------------------------------------------------------------ agents
 
 
@@ -56,8 +53,11 @@ def check_public_key(public_key_b64: str) -> None:
     try:
         X25519PublicKey.from_public_bytes(base64.b64decode(public_key_b64, validate=True))
     except (ValueError, binascii.Error) as exc:
-        raise AppError("x25519_public_key must be the base64 of a raw 32-byte X25519 public key", 422,
-                       field="x25519_public_key") from exc
+        raise AppError(
+            "x25519_public_key must be the base64 of a raw 32-byte X25519 public key",
+            422,
+            field="x25519_public_key",
+        ) from exc
 
 
 def _b64(raw: bytes) -> str:
@@ -65,8 +65,7 @@ def _b64(raw: bytes) -> str:
 
 
 def is_online(agent: Agent, offline_after: timedelta) -> bool:
-    seen = _aware(agent.last_seen_at)
-    return agent.revoked_at is None and seen is not None and now() - seen <= offline_after
+    return _is_online(agent, int(offline_after.total_seconds()))
 
 
 async def choose_agent(
@@ -79,12 +78,16 @@ async def choose_agent(
             raise Conflict("the agent this database is bound to no longer exists or was revoked")
         return agent
     agents = (
-        await session.execute(
-            select(Agent)
-            .where(Agent.org_id == org_id, col(Agent.revoked_at).is_(None))
-            .order_by(col(Agent.last_seen_at).desc())
+        (
+            await session.execute(
+                select(Agent)
+                .where(Agent.org_id == org_id, col(Agent.revoked_at).is_(None))
+                .order_by(col(Agent.last_seen_at).desc())
+            )
         )
-    ).scalars().all()
+        .scalars()
+        .all()
+    )
     online = [a for a in agents if is_online(a, offline_after)]
     if not online:
         raise Conflict("no agent of this organization is online: start `rahatback-agent run` on a host")
@@ -95,13 +98,23 @@ async def choose_agent(
 
 
 def database_target(
-    box: SecretBox, db: Database | None, *, engine: str, name: str, settings: dict[str, Any],
-    secrets: dict[str, str], agent: Agent, info: str,
+    box: SecretBox,
+    db: Database | None,
+    *,
+    engine: str,
+    name: str,
+    settings: dict[str, Any],
+    secrets: dict[str, str],
+    agent: Agent,
+    info: str,
 ) -> m.DatabaseTarget:
     sealed = seal_for_agent(agent.x25519_public_key, secrets, info) if secrets else None
     return m.DatabaseTarget(
-        database_id=db.id if db else None, name=name, engine=engine,  # type: ignore[arg-type]
-        settings=settings, secrets=sealed,
+        database_id=db.id if db else None,
+        name=name,
+        engine=engine,
+        settings=settings,
+        secrets=sealed,
     )
 
 
@@ -111,12 +124,19 @@ async def test_connection(bus: Bus, agent: Agent, target_for: Any) -> m.DbTestRe
     request = m.DbTestRequest(request_id=request_id, database=target_for(m.seal_info("rpc", request_id)))
     started = time.monotonic()
     try:
-        data = await bus.request(subjects.agent_rpc(agent.id, "db.test"), request, timeout=RPC_TIMEOUT_SECONDS)
+        data = await bus.request(
+            subjects.agent_rpc(agent.id, "db.test"), request, timeout=RPC_TIMEOUT_SECONDS
+        )
     except AgentOffline as exc:
         raise Conflict(f"agent {agent.name!r} is offline: {exc}") from exc
     reply = m.DbTestReply.model_validate_json(data)
-    log.info("db.test", agent_id=agent.id, ok=reply.ok, error_code=reply.error_code,
-             round_trip_ms=round((time.monotonic() - started) * 1000, 1))
+    log.info(
+        "db.test",
+        agent_id=agent.id,
+        ok=reply.ok,
+        error_code=reply.error_code,
+        round_trip_ms=round((time.monotonic() - started) * 1000, 1),
+    )
     return reply
 
 
@@ -126,8 +146,11 @@ async def test_connection(bus: Bus, agent: Agent, target_for: Any) -> m.DbTestRe
 def storage_target(storage: Storage, secrets: dict[str, str], agent: Agent, info: str) -> m.StorageTarget:
     sealed = seal_for_agent(agent.x25519_public_key, secrets, info) if secrets else None
     return m.StorageTarget(
-        storage_id=storage.id, name=storage.name, kind=storage.kind,  # type: ignore[arg-type]
-        settings=dict(storage.settings), secrets=sealed,
+        storage_id=storage.id,
+        name=storage.name,
+        kind=storage.kind,
+        settings=dict(storage.settings),
+        secrets=sealed,
     )
 
 
@@ -137,14 +160,23 @@ def _command_times() -> tuple[datetime, datetime]:
 
 
 async def start_backup(
-    session: AsyncSession, box: SecretBox, job: BackupJob, *, trigger: str, offline_after: timedelta,
+    session: AsyncSession,
+    box: SecretBox,
+    job: BackupJob,
+    *,
+    trigger: str,
+    offline_after: timedelta,
 ) -> BackupRun:
     """Queue a run of `job` and enqueue its command; a second concurrent run of the job is a 409."""
     active = (
-        await session.execute(
-            select(BackupRun.id).where(BackupRun.job_id == job.id, col(BackupRun.status).in_(ACTIVE))
+        (
+            await session.execute(
+                select(BackupRun.id).where(BackupRun.job_id == job.id, col(BackupRun.status).in_(ACTIVE))
+            )
         )
-    ).scalars().first()
+        .scalars()
+        .first()
+    )
     if active is not None:
         raise Conflict(f"job {job.name!r} is already running (run {active}); wait for it to finish")
     db = await session.get(Database, job.database_id)
@@ -154,10 +186,20 @@ async def start_backup(
     agent = await choose_agent(session, job.org_id, db.agent_id or storage.agent_id, offline_after)
 
     run = BackupRun(
-        id=new_id(), org_id=job.org_id, job_id=job.id, database_id=db.id, storage_id=storage.id,
-        agent_id=agent.id, trigger=trigger, status="queued", queued_at=now(),
-        compression=job.compression, encrypted=job.encryption_enabled,
-        key_id=job.key_id if job.encryption_enabled else None, stage="queued", bytes_done=0,
+        id=new_id(),
+        org_id=job.org_id,
+        job_id=job.id,
+        database_id=db.id,
+        storage_id=storage.id,
+        agent_id=agent.id,
+        trigger=trigger,
+        status="queued",
+        queued_at=now(),
+        compression=job.compression,
+        encrypted=job.encryption_enabled,
+        key_id=job.key_id if job.encryption_enabled else None,
+        stage="queued",
+        bytes_done=0,
     )
     session.add(run)
     job.last_run_at = run.queued_at
@@ -168,19 +210,25 @@ async def start_backup(
     if job.encryption_enabled:
         key = load_job_key(box, job)
         encryption = m.EncryptionSpec(
-            enabled=True, key_id=job.key_id,
+            enabled=True,
+            key_id=job.key_id,
             job_key=seal_for_agent(agent.x25519_public_key, {"key_b64": _b64(key)}, info),
         )
     engine, settings, secrets = database_target_parts(box, db)
     _, storage_secrets = storage_target_parts(box, storage)
     issued, expires = _command_times()
     command = m.BackupCommand(
-        command_id=new_id(), org_id=job.org_id, issued_at=issued, expires_at=expires,
-        run_id=run.id, job_id=job.id,
-        database=database_target(box, db, engine=engine, name=db.name, settings=settings,
-                                 secrets=secrets, agent=agent, info=info),
+        command_id=new_id(),
+        org_id=job.org_id,
+        issued_at=issued,
+        expires_at=expires,
+        run_id=run.id,
+        job_id=job.id,
+        database=database_target(
+            box, db, engine=engine, name=db.name, settings=settings, secrets=secrets, agent=agent, info=info
+        ),
         storage=storage_target(storage, storage_secrets, agent, info),
-        compression=job.compression,  # type: ignore[arg-type]
+        compression=job.compression,
         compression_level=job.compression_level,
         encryption=encryption,
     )
@@ -193,21 +241,33 @@ async def start_backup(
 
 
 async def start_restore(
-    session: AsyncSession, box: SecretBox, run: BackupRun, target: Database, *, offline_after: timedelta,
+    session: AsyncSession,
+    box: SecretBox,
+    run: BackupRun,
+    target: Database,
+    *,
+    offline_after: timedelta,
 ) -> RestoreRun:
     if run.status not in ("completed", "partial") or not run.storage_key:
         raise Conflict(f"backup run {run.id} has no artifact to restore (status {run.status})")
     source_db = await session.get(Database, run.database_id)
     if source_db is not None and source_db.engine != target.engine:
         raise AppError(
-            f"cannot restore a {source_db.engine} backup into a {target.engine} database", 422,
+            f"cannot restore a {source_db.engine} backup into a {target.engine} database",
+            422,
             field="database_id",
         )
     busy = (
-        await session.execute(
-            select(RestoreRun.id).where(RestoreRun.database_id == target.id, col(RestoreRun.status).in_(ACTIVE))
+        (
+            await session.execute(
+                select(RestoreRun.id).where(
+                    RestoreRun.database_id == target.id, col(RestoreRun.status).in_(ACTIVE)
+                )
+            )
         )
-    ).scalars().first()
+        .scalars()
+        .first()
+    )
     if busy is not None:
         raise Conflict(f"database {target.name!r} is already being restored (restore {busy})")
     storage = await session.get(Storage, run.storage_id)
@@ -218,8 +278,13 @@ async def start_restore(
     agent = await choose_agent(session, run.org_id, preferred, offline_after)
 
     restore = RestoreRun(
-        id=new_id(), org_id=run.org_id, backup_run_id=run.id, database_id=target.id, agent_id=agent.id,
-        status="queued", queued_at=now(),
+        id=new_id(),
+        org_id=run.org_id,
+        backup_run_id=run.id,
+        database_id=target.id,
+        agent_id=agent.id,
+        status="queued",
+        queued_at=now(),
     )
     session.add(restore)
     run.last_restore_status = "queued"
@@ -232,20 +297,33 @@ async def start_restore(
         if job is None or job.key_id != run.key_id:
             raise Conflict(f"the key {run.key_id!r} of this backup is no longer available")
         encryption = m.EncryptionSpec(
-            enabled=True, key_id=run.key_id,
+            enabled=True,
+            key_id=run.key_id,
             job_key=seal_for_agent(agent.x25519_public_key, {"key_b64": _b64(load_job_key(box, job))}, info),
         )
     engine, settings, secrets = database_target_parts(box, target)
     _, storage_secrets = storage_target_parts(box, storage)
     issued, expires = _command_times()
     command = m.RestoreCommand(
-        command_id=new_id(), org_id=run.org_id, issued_at=issued, expires_at=expires,
-        restore_id=restore.id, backup_run_id=run.id,
-        database=database_target(box, target, engine=engine, name=target.name, settings=settings,
-                                 secrets=secrets, agent=agent, info=info),
+        command_id=new_id(),
+        org_id=run.org_id,
+        issued_at=issued,
+        expires_at=expires,
+        restore_id=restore.id,
+        backup_run_id=run.id,
+        database=database_target(
+            box,
+            target,
+            engine=engine,
+            name=target.name,
+            settings=settings,
+            secrets=secrets,
+            agent=agent,
+            info=info,
+        ),
         storage=storage_target(storage, storage_secrets, agent, info),
         storage_key=run.storage_key,
-        compression=run.compression,  # type: ignore[arg-type]
+        compression=run.compression,
         encrypted=run.encrypted,
         artifact_sha256=run.artifact_sha256,
         dump_sha256=run.dump_sha256,
@@ -387,7 +465,6 @@ async def _apply_restore_report(
 
 
 def _duration_ms(start: datetime | None, end: datetime | None) -> int | None:
-    start, end = _aware(start), _aware(end)
     if start is None or end is None:
         return None
     return max(0, int((end - start).total_seconds() * 1000))
@@ -411,13 +488,22 @@ async def enqueue_backup_event(session: AsyncSession, run: BackupRun, event_type
     job = await session.get(BackupJob, run.job_id)
     db = await session.get(Database, run.database_id)
     event = m.BackupEvent(
-        event_id=new_id(), type=event_type, org_id=run.org_id, occurred_at=now(),
-        run_id=run.id, job_id=run.job_id, job_name=job.name if job else "(deleted job)",
-        database_id=run.database_id, database_name=db.name if db else "(deleted database)",
-        status=run.status,  # type: ignore[arg-type]
-        trigger=run.trigger,  # type: ignore[arg-type]
-        dump_size=run.dump_size, artifact_size=run.artifact_size, duration_ms=run.duration_ms,
-        storage_key=run.storage_key, error=run.error,
+        event_id=new_id(),
+        type=event_type,
+        org_id=run.org_id,
+        occurred_at=now(),
+        run_id=run.id,
+        job_id=run.job_id,
+        job_name=job.name if job else "(deleted job)",
+        database_id=run.database_id,
+        database_name=db.name if db else "(deleted database)",
+        status=run.status,
+        trigger=run.trigger,
+        dump_size=run.dump_size,
+        artifact_size=run.artifact_size,
+        duration_ms=run.duration_ms,
+        storage_key=run.storage_key,
+        error=run.error,
     )
     enqueue(session, subjects.event_subject(event_type), event, f"{run.id}:{event_type}")
 
@@ -425,11 +511,17 @@ async def enqueue_backup_event(session: AsyncSession, run: BackupRun, event_type
 async def enqueue_restore_event(session: AsyncSession, restore: RestoreRun, event_type: str) -> None:
     db = await session.get(Database, restore.database_id)
     event = m.RestoreEvent(
-        event_id=new_id(), type=event_type, org_id=restore.org_id, occurred_at=now(),
-        restore_id=restore.id, backup_run_id=restore.backup_run_id, database_id=restore.database_id,
+        event_id=new_id(),
+        type=event_type,
+        org_id=restore.org_id,
+        occurred_at=now(),
+        restore_id=restore.id,
+        backup_run_id=restore.backup_run_id,
+        database_id=restore.database_id,
         database_name=db.name if db else "(deleted database)",
-        status=restore.status,  # type: ignore[arg-type]
-        duration_ms=restore.duration_ms, error=restore.error,
+        status=restore.status,
+        duration_ms=restore.duration_ms,
+        error=restore.error,
     )
     enqueue(session, subjects.event_subject(event_type), event, f"{restore.id}:{event_type}")
 
@@ -437,7 +529,9 @@ async def enqueue_restore_event(session: AsyncSession, restore: RestoreRun, even
 # ------------------------------------------------------------------------ presence and watchdog
 
 
-async def record_heartbeat(session: AsyncSession, heartbeat: m.Heartbeat, agent_id: str, offline_after: timedelta) -> None:
+async def record_heartbeat(
+    session: AsyncSession, heartbeat: m.Heartbeat, agent_id: str, offline_after: timedelta
+) -> None:
     agent = await session.get(Agent, agent_id)
     if agent is None or agent.revoked_at is not None:
         return
@@ -447,21 +541,29 @@ async def record_heartbeat(session: AsyncSession, heartbeat: m.Heartbeat, agent_
     agent.engines = list(heartbeat.engines)
     agent.storages = list(heartbeat.storages)
     if not was_online:
-        _enqueue_presence(session, agent, online=True)
+        _enqueue_presence(session, agent, online=True, since=agent.last_seen_at)
 
 
-def _enqueue_presence(session: AsyncSession, agent: Agent, *, online: bool) -> None:
+def _enqueue_presence(session: AsyncSession, agent: Agent, *, online: bool, since: datetime) -> None:
     event_type = "presence.online" if online else "presence.offline"
     event = m.PresenceEvent(
-        event_id=new_id(), type=event_type, org_id=agent.org_id, occurred_at=now(),
-        agent_id=agent.id, agent_name=agent.name, online=online,
+        event_id=new_id(),
+        type=event_type,
+        org_id=agent.org_id,
+        occurred_at=now(),
+        agent_id=agent.id,
+        agent_name=agent.name,
+        online=online,
     )
-    enqueue(session, event_type, event, f"{agent.id}:{event_type}:{event.event_id}")
+    enqueue(session, event_type, event, f"{agent.id}:{event_type}:{since.isoformat()}")
 
 
 async def record_progress(session: AsyncSession, progress: m.Progress, agent_id: str) -> None:
-    model = BackupRun if progress.kind == "backup" else RestoreRun
-    row = await session.get(model, progress.run_id)
+    row: BackupRun | RestoreRun | None
+    if progress.kind == "backup":
+        row = await session.get(BackupRun, progress.run_id)
+    else:
+        row = await session.get(RestoreRun, progress.run_id)
     if row is None or row.agent_id != agent_id or row.status not in ACTIVE:
         return
     row.last_progress_at = now()
@@ -470,55 +572,77 @@ async def record_progress(session: AsyncSession, progress: m.Progress, agent_id:
         row.bytes_done = progress.bytes_in
 
 
+def _stall_reason(
+    row: BackupRun | RestoreRun,
+    agent: Agent | None,
+    moment: datetime,
+    *,
+    stall_after: timedelta,
+    offline_after: timedelta,
+    command_ttl: timedelta,
+) -> str | None:
+    if row.status == "queued":
+        if moment - row.queued_at > command_ttl:
+            return "the agent did not pick up the command before it expired"
+        return None
+    if agent is not None and not is_online(agent, offline_after):
+        return (
+            f"agent {agent.name!r} stopped heartbeating for more than {int(offline_after.total_seconds())} s"
+        )
+    if moment - (row.last_progress_at or row.started_at or row.queued_at) > stall_after:
+        return f"no progress from the agent for more than {int(stall_after.total_seconds())} s"
+    return None
+
+
 async def sweep_stalled(
-    session: AsyncSession, *, stall_after: timedelta, offline_after: timedelta, command_ttl: timedelta = COMMAND_TTL,
+    session: AsyncSession,
+    *,
+    stall_after: timedelta,
+    offline_after: timedelta,
+    command_ttl: timedelta = COMMAND_TTL,
 ) -> int:
     """Fail runs that can no longer finish, so no run stays `running` forever. Returns how many."""
     moment = now()
+    agents = {a.id: a for a in (await session.execute(select(Agent))).scalars().all()}
+    limits = {"stall_after": stall_after, "offline_after": offline_after, "command_ttl": command_ttl}
     failed = 0
-    agents: dict[str, Agent | None] = {}
+    backups = (
+        (await session.execute(select(BackupRun).where(col(BackupRun.status).in_(ACTIVE)))).scalars().all()
+    )
+    for run in backups:
+        reason = _stall_reason(run, agents.get(run.agent_id or ""), moment, **limits)
+        if reason is None:
+            continue
+        failed += 1
+        fail_run(run, reason)
+        job = await session.get(BackupJob, run.job_id) if run.job_id else None
+        if job is not None:
+            job.last_run_status = "failed"
+        await enqueue_backup_event(session, run, "backup.failed")
+        log.warning("watchdog.failed_run", run_id=run.id, reason=reason)
+    restores = (
+        (await session.execute(select(RestoreRun).where(col(RestoreRun.status).in_(ACTIVE)))).scalars().all()
+    )
+    for restore in restores:
+        reason = _stall_reason(restore, agents.get(restore.agent_id or ""), moment, **limits)
+        if reason is None:
+            continue
+        failed += 1
+        fail_restore(restore, reason)
+        backup = await session.get(BackupRun, restore.backup_run_id)
+        if backup is not None:
+            backup.last_restore_status = "failed"
+        await enqueue_restore_event(session, restore, "restore.failed")
+        log.warning("watchdog.failed_restore", restore_id=restore.id, reason=reason)
 
-    async def agent_of(agent_id: str) -> Agent | None:
-        if agent_id not in agents:
-            agents[agent_id] = await session.get(Agent, agent_id)
-        return agents[agent_id]
-
-    for model in (BackupRun, RestoreRun):
-        rows = (await session.execute(select(model).where(col(model.status).in_(ACTIVE)))).scalars().all()
-        for row in rows:
-            reason = None
-            agent = await agent_of(row.agent_id)
-            last_sign = _aware(row.last_progress_at) or _aware(row.queued_at) or moment
-            if row.status == "queued" and moment - (_aware(row.queued_at) or moment) > command_ttl:
-                reason = "the agent did not pick up the command before it expired"
-            elif row.status == "running" and agent is not None and not is_online(agent, offline_after):
-                reason = f"agent {agent.name!r} stopped heartbeating for more than {int(offline_after.total_seconds())} s"
-            elif row.status == "running" and moment - last_sign > stall_after:
-                reason = f"no progress from the agent for more than {int(stall_after.total_seconds())} s"
-            if reason is None:
-                continue
-            failed += 1
-            if isinstance(row, BackupRun):
-                fail_run(row, reason)
-                job = await session.get(BackupJob, row.job_id)
-                if job is not None:
-                    job.last_run_status = "failed"
-                await enqueue_backup_event(session, row, "backup.failed")
-            else:
-                fail_restore(row, reason)
-                backup = await session.get(BackupRun, row.backup_run_id)
-                if backup is not None:
-                    backup.last_restore_status = "failed"
-                await enqueue_restore_event(session, row, "restore.failed")
-            log.warning("watchdog.failed_run", run_id=row.id, reason=reason)
-
-    stale = (await session.execute(select(Agent).where(col(Agent.revoked_at).is_(None)))).scalars().all()
-    for agent in stale:
-        seen = _aware(agent.last_seen_at)
-        # announce going offline exactly once: in the sweep window right after the limit passed
-        if seen is not None and offline_after < moment - seen <= offline_after + SWEEP_INTERVAL:
-            _enqueue_presence(session, agent, online=False)
+    for agent in agents.values():
+        seen = agent.last_seen_at
+        # announce going offline once: in the sweep right after the limit passed; the msg id is
+        # derived from the last heartbeat so replicas sweeping together publish one event
+        if (
+            agent.revoked_at is None
+            and seen is not None
+            and (offline_after < moment - seen <= offline_after + SWEEP_INTERVAL)
+        ):
+            _enqueue_presence(session, agent, online=False, since=seen)
     return failed
-
-
-SWEEP_INTERVAL = timedelta(seconds=10)

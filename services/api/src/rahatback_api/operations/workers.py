@@ -14,14 +14,13 @@ from datetime import timedelta
 import structlog
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
-from sqlmodel.ext.asyncio.session import AsyncSession
-from sqlalchemy.ext.asyncio import async_sessionmaker
-
 from rahatback_api.messaging.bus import Bus
 from rahatback_api.messaging.live import LiveHub
 from rahatback_api.messaging.outbox import OutboxRelay
 from rahatback_contracts import messages as m
 from rahatback_contracts import streams, subjects
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from . import service
 
@@ -124,7 +123,10 @@ class Workers:
             return
         org_id = await self.hub.publish_progress(agent_id, progress)
         loop_time = asyncio.get_running_loop().time()
-        if org_id is None or loop_time - self._progress_written.get(progress.run_id, 0) < PROGRESS_WRITE_INTERVAL:
+        if (
+            org_id is None
+            or loop_time - self._progress_written.get(progress.run_id, 0) < PROGRESS_WRITE_INTERVAL
+        ):
             return
         self._progress_written[progress.run_id] = loop_time
         try:
@@ -148,7 +150,8 @@ class Workers:
                 await session.commit()
             if failed:
                 self.relay.kick()
-            self._progress_written = {k: v for k, v in self._progress_written.items() if k}
+            if len(self._progress_written) > 10_000:  # finished runs' entries are never needed again
+                self._progress_written.clear()
             await asyncio.sleep(service.SWEEP_INTERVAL.total_seconds())
 
 
