@@ -74,7 +74,8 @@ class Workers:
         sub = await self.bus.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
         while True:
             try:
-                batch = await sub.fetch(20, timeout=5)
+                # one at a time: a batch fetch lingers until the batch fills or times out, delaying reports
+                batch = await sub.fetch(1, timeout=5)
             except NatsTimeoutError:
                 continue
             for msg in batch:
