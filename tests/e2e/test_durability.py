@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import nats
 import pytest
-
 from rahatback_contracts import streams
+
 from scripts.devstack import BIN, Stack
 from tests.e2e.conftest import Client
 from tests.servers import PostgresServer, free_port
