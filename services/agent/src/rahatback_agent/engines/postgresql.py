@@ -1,0 +1,282 @@
+"""PostgreSQL: asyncpg for the connection test, plain-format pg_dump for backups, psql for restores.
+
+Why plain SQL, the exact flags and how a restore stays all-or-nothing: docs/postgresql-dumps.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import re
+import shutil
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rahatback_agent.engines.base import Connection, EngineError
+from rahatback_agent.engines.process import ExplainFailure, feed_stdin, stream_stdout
+
+__all__ = ["PostgreSQLEngine", "PostgreSQLSettings", "find_pg_tool"]
+
+CONNECT_TIMEOUT_S = 10
+_PG_ROOT = Path("/usr/lib/postgresql")
+
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+
+class PostgreSQLSettings(BaseModel):
+    # extra keys are ignored: the control plane may store display-only fields next to these
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    host: str = Field(min_length=1)
+    port: int = Field(default=5432, ge=1, le=65535)
+    user: str = Field(min_length=1)
+    # optional so databases can be listed before one is chosen; dump and restore require it
+    database: str | None = Field(default=None, min_length=1)
+    sslmode: SslMode | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_settings(raw: dict[str, Any]) -> PostgreSQLSettings:
+    try:
+        return PostgreSQLSettings.model_validate(raw)
+    except ValidationError as exc:
+        # only field names and rules: pydantic's own text echoes the input, which may hold a secret
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise EngineError("bad_settings", f"invalid PostgreSQL settings: {problems}") from None
+
+
+def _pg_bin_dirs() -> list[Path]:
+    """Newest installed major first: pg_dump refuses servers newer than itself, never older ones."""
+    if not _PG_ROOT.is_dir():
+        return []
+    majors = [p for p in _PG_ROOT.iterdir() if p.name.isdigit() and (p / "bin").is_dir()]
+    return [p / "bin" for p in sorted(majors, key=lambda p: int(p.name), reverse=True)]
+
+
+def find_pg_tool(name: str) -> str:
+    """RAHATBACK_PG_BIN, else the newest /usr/lib/postgresql/<major>/bin, else PATH."""
+    override = os.environ.get("RAHATBACK_PG_BIN")
+    candidates = [Path(override)] if override else _pg_bin_dirs()
+    for directory in candidates:
+        tool = directory / name
+        if tool.is_file() and os.access(tool, os.X_OK):
+            return str(tool)
+    if not override and (on_path := shutil.which(name)):
+        return on_path
+    where = f"RAHATBACK_PG_BIN={override}" if override else f"{_PG_ROOT}/<version>/bin or PATH"
+    raise EngineError("tool_failed", f"{name} not found in {where}: install the PostgreSQL client tools")
+
+
+_restrict_key_support: dict[str, bool] = {}
+
+
+async def _supports_restrict_key(pg_dump: str) -> bool:
+    if pg_dump not in _restrict_key_support:
+        proc = await asyncio.create_subprocess_exec(
+            pg_dump, "--help", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+        )
+        out, _ = await proc.communicate()
+        _restrict_key_support[pg_dump] = b"--restrict-key" in out
+    return _restrict_key_support[pg_dump]
+
+
+def _explain_tool_failure(tool: str, settings: PostgreSQLSettings) -> ExplainFailure:
+    def explain(status: int, stderr: str) -> EngineError:
+        user, address = settings.user, settings.address
+        if "password authentication failed" in stderr:
+            return EngineError("auth_failed", f'password authentication failed for user "{user}"')
+        missing = re.search(r'database "([^"]*)" does not exist', stderr)
+        if missing:
+            return EngineError(
+                "unknown_database", f'database "{missing.group(1)}" does not exist on {address}'
+            )
+        if "server version mismatch" in stderr:
+            return EngineError(
+                "tool_failed",
+                f"{tool} is older than the server on {address}; install a newer PostgreSQL client "
+                f"or point RAHATBACK_PG_BIN at one: {stderr.splitlines()[-1]}",
+            )
+        if any(
+            hint in stderr
+            for hint in (
+                "Connection refused",
+                "could not translate host name",
+                "timeout expired",
+                "No route to host",
+            )
+        ):
+            last = stderr.splitlines()[-1] if stderr else ""
+            return EngineError("unreachable", f"cannot reach {address}: {last}")
+        tail = "\n".join(stderr.splitlines()[-10:]) or "(no error output)"
+        return EngineError("tool_failed", f"{tool} exited with status {status}: {tail}")
+
+    return explain
+
+
+class PostgreSQLEngine:
+    name = "postgresql"
+    dump_format = "postgresql-plain-sql"
+    dump_extension = "sql"
+
+    def __init__(self, restrict_key_seed: bytes | None = None) -> None:
+        # The \restrict key guards a psql restore against meta-commands smuggled into the dump by a
+        # hostile source server, so it must not be guessable from the server's side. A keyed hash of
+        # the database name keeps dumps from this seed byte-identical for identical data; the agent
+        # passes a seed from its own identity, otherwise one is drawn per process.
+        self._restrict_key_seed = restrict_key_seed or os.urandom(32)
+
+    def _restrict_key(self, database: str) -> str:
+        return hmac.new(self._restrict_key_seed, database.encode(), hashlib.sha256).hexdigest()[:32]
+
+    async def test(self, conn: Connection) -> str:
+        settings = parse_settings(conn.settings)
+        db = await self._connect(settings, conn, settings.database or "postgres")
+        try:
+            version = await db.fetchval("SHOW server_version")
+        finally:
+            await db.close()
+        # "15.18 (Debian 15.18-0+deb12u1)" -> "15.18"
+        return str(version).split()[0]
+
+    async def list_databases(self, conn: Connection) -> list[str]:
+        settings = parse_settings(conn.settings)
+        db = await self._connect(settings, conn, settings.database or "postgres")
+        try:
+            rows = await db.fetch(
+                "SELECT datname FROM pg_database WHERE NOT datistemplate AND datallowconn ORDER BY datname"
+            )
+        finally:
+            await db.close()
+        return [str(row["datname"]) for row in rows]
+
+    async def _connect(self, settings: PostgreSQLSettings, conn: Connection, database: str) -> Any:
+        address = settings.address
+        try:
+            return await asyncpg.connect(
+                host=settings.host,
+                port=settings.port,
+                user=settings.user,
+                password=conn.secrets.get("password"),
+                database=database,
+                ssl=settings.sslmode,
+                timeout=CONNECT_TIMEOUT_S,
+            )
+        except asyncpg.InvalidPasswordError:
+            raise EngineError(
+                "auth_failed", f'password authentication failed for user "{settings.user}"'
+            ) from None
+        except asyncpg.InvalidAuthorizationSpecificationError as exc:
+            # unknown role, or no pg_hba.conf entry for this host/user/database
+            raise EngineError("auth_failed", f"{address} refused the login: {exc.args[0]}") from None
+        except asyncpg.InvalidCatalogNameError:
+            raise EngineError(
+                "unknown_database", f'database "{database}" does not exist on {address}'
+            ) from None
+        except TimeoutError:
+            raise EngineError(
+                "unreachable", f"cannot reach {address}: no answer within {CONNECT_TIMEOUT_S} s"
+            ) from None
+        except socket.gaierror as exc:
+            raise EngineError(
+                "unreachable", f"cannot reach {address}: unknown host ({exc.strerror})"
+            ) from None
+        except OSError as exc:
+            raise EngineError("unreachable", f"cannot reach {address}: {exc.strerror or exc}") from None
+        except asyncpg.PostgresError as exc:
+            raise EngineError("error", f"{address} refused the connection: {exc.args[0]}") from None
+
+    def _tool_env(self, settings: PostgreSQLSettings, conn: Connection, database: str) -> dict[str, str]:
+        # Connection parameters go in the environment, not argv: the password must stay out of ps,
+        # and a -d argument is parsed as a connection string if it looks like one.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+        env.update(
+            PGHOST=settings.host,
+            PGPORT=str(settings.port),
+            PGUSER=settings.user,
+            PGDATABASE=database,
+            PGCONNECT_TIMEOUT=str(CONNECT_TIMEOUT_S),
+            PGAPPNAME="rahatback",
+            # --if-exists makes psql chatty with "does not exist, skipping" notices
+            PGOPTIONS="-c client_min_messages=warning",
+        )
+        if settings.sslmode:
+            env["PGSSLMODE"] = settings.sslmode
+        if password := conn.secrets.get("password"):
+            env["PGPASSWORD"] = password
+        return env
+
+    @staticmethod
+    def _require_database(settings: PostgreSQLSettings) -> str:
+        if not settings.database:
+            raise EngineError(
+                "bad_settings", "invalid PostgreSQL settings: database: required to dump or restore"
+            )
+        return settings.database
+
+    async def dump_argv(self, database: str) -> list[str]:
+        pg_dump = find_pg_tool("pg_dump")
+        argv = [
+            pg_dump,
+            "--format=plain",
+            "--clean",
+            "--if-exists",
+            "--no-owner",
+            "--no-privileges",
+            "--no-password",
+        ]
+        if await _supports_restrict_key(pg_dump):
+            argv.append(f"--restrict-key={self._restrict_key(database)}")
+        return argv
+
+    @staticmethod
+    def restore_argv() -> list[str]:
+        return [
+            find_pg_tool("psql"),
+            "--no-psqlrc",
+            "--quiet",
+            "--no-password",
+            "--single-transaction",
+            "--set=ON_ERROR_STOP=1",
+            "--file=-",
+        ]
+
+    def dump(self, conn: Connection) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._dump(conn)
+
+    @asynccontextmanager
+    async def _dump(self, conn: Connection) -> AsyncIterator[AsyncIterator[bytes]]:
+        settings = parse_settings(conn.settings)
+        database = self._require_database(settings)
+        argv = await self.dump_argv(database)
+        async with stream_stdout(
+            argv,
+            env=self._tool_env(settings, conn, database),
+            explain=_explain_tool_failure("pg_dump", settings),
+            secrets=list(conn.secrets.values()),
+        ) as chunks:
+            yield chunks
+
+    async def restore(self, conn: Connection, chunks: AsyncIterator[bytes]) -> int:
+        settings = parse_settings(conn.settings)
+        database = self._require_database(settings)
+        return await feed_stdin(
+            self.restore_argv(),
+            chunks,
+            env=self._tool_env(settings, conn, database),
+            explain=_explain_tool_failure("psql", settings),
+            secrets=list(conn.secrets.values()),
+        )

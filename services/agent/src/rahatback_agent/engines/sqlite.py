@@ -1,0 +1,323 @@
+"""SQLite: the embedded demo default. Dumps are SQL text from `iterdump()`; restores rebuild the file.
+
+The dump reads inside one read transaction, so a concurrent writer can't tear it (SQLite gives the
+transaction a snapshot), and memory stays bounded whatever the file size. The blocking sqlite3 calls
+run in a worker thread that hands ~1 MiB chunks over a two-slot queue: it stays at most two chunks
+ahead of the consumer.
+
+A restore builds the database in a temporary file next to the target and only renames it over the
+target once every chunk has arrived and executed, so a failed restore leaves the target untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import os
+import shutil
+import sqlite3
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rahatback_agent.engines.base import Connection, EngineError
+from rahatback_agent.engines.process import CHUNK_SIZE
+
+__all__ = ["SQLiteEngine", "SQLiteSettings"]
+
+_QUEUE_SLOTS = 2
+T = TypeVar("T")
+
+
+class SQLiteSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    path: str = Field(min_length=1)
+
+
+def _parse_settings(raw: dict[str, Any]) -> Path:
+    try:
+        return Path(SQLiteSettings.model_validate(raw).path)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise EngineError("bad_settings", f"invalid SQLite settings: {problems}") from None
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    # mode=ro: a missing file is an error instead of a fresh empty database created by the test
+    if not path.is_file():
+        raise EngineError("unknown_database", f"SQLite database {path} does not exist")
+    uri = f"file:{quote(str(path.absolute()))}?mode=ro"
+    try:
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise EngineError("unknown_database", f"cannot open SQLite database {path}: {exc}") from None
+    try:
+        # opening is lazy: the first read is what rejects a file that isn't a database
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as exc:
+        db.close()
+        raise EngineError("unknown_database", f"{path} is not a readable SQLite database: {exc}") from None
+    return db
+
+
+_END = object()
+
+
+async def _in_thread(function: Callable[..., T], *args: Any) -> T:
+    """asyncio.to_thread that, when cancelled, still waits for the thread: the caller closes the
+    sqlite3 connection next, and must not do it under a running statement."""
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await work
+        raise
+
+
+class _ThreadChunks:
+    """Runs a blocking chunk producer in its own thread; the consumer pulls through a bounded queue.
+
+    The producer takes a slot before every put and the consumer gives one back after every get,
+    so the producer is never more than _QUEUE_SLOTS chunks ahead.
+    """
+
+    def __init__(self, produce: Callable[[], Iterator[bytes]]) -> None:
+        self._produce = produce
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._slots = threading.Semaphore(_QUEUE_SLOTS)
+        self._stop = threading.Event()
+        self._done: asyncio.Future[None] = self._loop.create_future()
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, name="sqlite-dump", daemon=True)
+        self._thread.start()
+
+    def _hand_over(self, item: object) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _run(self) -> None:
+        try:
+            for chunk in self._produce():
+                self._slots.acquire()
+                if self._stop.is_set():
+                    return
+                self._hand_over(chunk)
+            self._hand_over(_END)
+        except BaseException as exc:
+            self._hand_over(exc)
+        finally:
+            self._loop.call_soon_threadsafe(self._done.set_result, None)
+
+    def __aiter__(self) -> _ThreadChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, bytes):
+            self._slots.release()
+            return item
+        self._finished = True
+        if isinstance(item, BaseException):
+            raise item
+        raise StopAsyncIteration
+
+    async def close(self) -> None:
+        self._stop.set()
+        # wakes a producer waiting for a slot; it sees the stop flag and returns
+        self._slots.release()
+        await self._done
+
+
+def _dump_chunks(path: Path) -> Iterator[bytes]:
+    db = _open_read_only(path)
+    try:
+        # one read transaction for the whole dump: every table comes from the same snapshot
+        db.execute("BEGIN")
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        pending: list[bytes] = []
+        size = 0
+        for statement in db.iterdump():
+            line = statement.encode() + b"\n"
+            pending.append(line)
+            size += len(line)
+            if size >= CHUNK_SIZE:
+                yield b"".join(pending)
+                pending, size = [], 0
+        if pending:
+            yield b"".join(pending)
+    finally:
+        db.close()
+
+
+# iterdump() wraps its output in these; the restore runs its own single transaction instead
+_WRAPPER_BEGIN = "BEGIN TRANSACTION;"
+_WRAPPER_COMMIT = "COMMIT;"
+
+
+class _ScriptRunner:
+    """Executes an SQL script that arrives in arbitrary byte pieces, one statement at a time."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._partial_line = ""
+        self._statement = ""
+        self.saw_begin = False
+        self.saw_commit = False
+
+    def feed(self, data: bytes, final: bool = False) -> None:
+        text = self._partial_line + self._decoder.decode(data, final)
+        lines = text.split("\n")
+        self._partial_line = "" if final else lines.pop()
+        for line in lines:
+            self._statement += line + "\n"
+            if sqlite3.complete_statement(self._statement):
+                self._execute(self._statement)
+                self._statement = ""
+        if final and self._statement.strip():
+            raise EngineError("tool_failed", "the SQLite dump ends in the middle of a statement")
+
+    def _execute(self, sql: str) -> None:
+        stripped = sql.strip()
+        if stripped == _WRAPPER_BEGIN:
+            self.saw_begin = True
+            return
+        if stripped == _WRAPPER_COMMIT:
+            self.saw_commit = True
+            return
+        try:
+            self._db.execute(sql)
+        except sqlite3.ProgrammingError as exc:
+            if "one statement at a time" not in str(exc):
+                raise
+            self._execute_each(sql)
+
+    def _execute_each(self, sql: str) -> None:
+        # several statements on one line: cut at the first ';' that closes a complete statement
+        start = 0
+        for index, char in enumerate(sql):
+            if char == ";" and sqlite3.complete_statement(sql[start : index + 1]):
+                self._execute(sql[start : index + 1])
+                start = index + 1
+        if sql[start:].strip():
+            raise EngineError("tool_failed", "the SQLite dump ends in the middle of a statement")
+
+
+class SQLiteEngine:
+    name = "sqlite"
+    dump_format = "sqlite-sql"
+    dump_extension = "sql"
+
+    async def test(self, conn: Connection) -> str:
+        path = _parse_settings(conn.settings)
+
+        def check() -> str:
+            _open_read_only(path).close()
+            return sqlite3.sqlite_version
+
+        return await asyncio.to_thread(check)
+
+    async def list_databases(self, conn: Connection) -> list[str]:
+        # one file is one database
+        path = _parse_settings(conn.settings)
+        await asyncio.to_thread(lambda: _open_read_only(path).close())
+        return [str(path)]
+
+    def dump(self, conn: Connection) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._dump(conn)
+
+    @asynccontextmanager
+    async def _dump(self, conn: Connection) -> AsyncIterator[AsyncIterator[bytes]]:
+        path = _parse_settings(conn.settings)
+        chunks = _ThreadChunks(lambda: _dump_chunks(path))
+        try:
+            yield chunks
+        finally:
+            await chunks.close()
+
+    async def restore(self, conn: Connection, chunks: AsyncIterator[bytes]) -> int:
+        target = _parse_settings(conn.settings)
+        folder = target.absolute().parent
+        if not folder.is_dir():
+            raise EngineError(
+                "unknown_database", f"folder {folder} for SQLite database {target} does not exist"
+            )
+        try:
+            fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".restoring", dir=folder)
+        except OSError as exc:
+            raise EngineError("tool_failed", f"cannot create a file in {folder}: {exc.strerror}") from None
+        os.close(fd)
+        temp = Path(temp_name)
+        replaced = False
+        db: sqlite3.Connection | None = None
+        try:
+            db = sqlite3.connect(temp, isolation_level=None, check_same_thread=False)
+            db.execute("BEGIN")
+            runner = _ScriptRunner(db)
+            fed = 0
+            async for chunk in chunks:
+                await _in_thread(runner.feed, chunk)
+                fed += len(chunk)
+            await _in_thread(runner.feed, b"", True)
+            if runner.saw_begin and not runner.saw_commit:
+                raise EngineError("tool_failed", "the SQLite dump is truncated: its final COMMIT is missing")
+            await _in_thread(self._finish, db, temp, target)
+            db, replaced = None, True
+            return fed
+        except sqlite3.Error as exc:
+            raise EngineError("tool_failed", f"restoring {target} failed: {exc}") from None
+        except OSError as exc:
+            raise EngineError("tool_failed", f"restoring {target} failed: {exc.strerror or exc}") from None
+        finally:
+            _discard(db, None if replaced else temp)
+
+    @staticmethod
+    def _finish(db: sqlite3.Connection, temp: Path, target: Path) -> None:
+        db.execute("COMMIT")
+        db.close()
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        if target.exists():
+            shutil.copymode(target, temp)
+            _checkpoint_wal(target)
+        os.replace(temp, target)
+        # the rename itself must survive a crash
+        dir_fd = os.open(target.absolute().parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _discard(db: sqlite3.Connection | None, temp: Path | None) -> None:
+    if db is not None:
+        db.close()
+    if temp is not None:
+        temp.unlink(missing_ok=True)
+
+
+def _checkpoint_wal(target: Path) -> None:
+    """Fold the old file's write-ahead log into it and drop it: a leftover -wal next to the new file
+    would be replayed into it on the next open."""
+    with contextlib.suppress(sqlite3.Error):
+        old = sqlite3.connect(target, isolation_level=None)
+        try:
+            old.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            old.close()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{target}{suffix}").unlink(missing_ok=True)
