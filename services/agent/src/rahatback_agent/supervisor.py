@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
+from urllib.parse import urlsplit
 
 import nats
 import nats.errors
@@ -77,6 +78,11 @@ class Supervisor:
         self.agent_id = identity.agent_id
         self._private_key = identity.private_key
         self._nats_url = settings.nats_url or identity.nats_url
+        parsed = urlsplit(self._nats_url)
+        # a URL may carry user:password; logs get only scheme, host and port
+        self._nats_url_for_logs = (
+            f"{parsed.scheme}://{parsed.hostname}:{parsed.port}" if parsed.hostname else "?"
+        )
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._psub: JetStreamContext.PullSubscription | None = None
@@ -141,7 +147,7 @@ class Supervisor:
 
         backoff = 1.0
         while not stop.is_set():
-            self.log.info("connecting to nats", url=self._nats_url)
+            self.log.info("connecting to nats", url=self._nats_url_for_logs)
             # with max_reconnect_attempts=-1 nats-py retries the first connect forever by itself;
             # racing it against `stop` keeps the agent stoppable while the server is unreachable
             connecting = asyncio.create_task(
@@ -171,7 +177,7 @@ class Supervisor:
                 await self._sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
-            self.log.info("connected to nats", url=self._nats_url)
+            self.log.info("connected to nats", url=self._nats_url_for_logs)
             return nc
         return None
 
@@ -373,14 +379,16 @@ class Supervisor:
             return
         if command.expires_at < _now():
             bound.warning("command expired; reporting it failed")
-            await self._publish_report(kind, self._failure(kind, run_id, EXPIRED, "queued"))
-            await msg.ack()
+            if await self._publish_report(kind, self._failure(kind, run_id, EXPIRED, "queued"), give_up=stop):
+                await msg.ack()
             return
         if run_id in self._cancelled:
             self._cancelled.discard(run_id)
             bound.info("command was cancelled before it started")
-            await self._publish_report(kind, self._failure(kind, run_id, CANCELLED_BY_USER, "queued"))
-            await msg.ack()
+            if await self._publish_report(
+                kind, self._failure(kind, run_id, CANCELLED_BY_USER, "queued"), give_up=stop
+            ):
+                await msg.ack()
             return
 
         if not await self._wait_for_slot(msg, stop):
@@ -395,7 +403,10 @@ class Supervisor:
             )
         else:
             started = RestoreStarted(agent_id=self.agent_id, occurred_at=_now(), restore_id=run_id)
-        await self._publish_report(kind, started)
+        if not await self._publish_report(kind, started, give_up=stop):
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            return
         # acked only once `started` is stored: a crash after this is the API's stall watchdog's business;
         # a half-done backup is never run again
         await msg.ack()
@@ -494,7 +505,9 @@ class Supervisor:
 
     # ------------------------------------------------------------ reports
 
-    async def _publish_report(self, kind: RunKind, report: Report) -> None:
+    async def _publish_report(
+        self, kind: RunKind, report: Report, *, give_up: asyncio.Event | None = None
+    ) -> bool:
         """Store a report in AGENT_REPORTS, retrying with the same Nats-Msg-Id until it is: the API may
         be down or JetStream briefly unavailable, and a lost `completed` would be a lost backup."""
         assert self._js is not None
@@ -518,8 +531,14 @@ class Supervisor:
             try:
                 await self._js.publish(subject, body, timeout=5, headers=headers)
                 self.log.info("report stored", run_id=run_id, subject=subject)
-                return
+                return True
             except Exception as exc:
+                if give_up is not None and give_up.is_set():
+                    # only for reports about commands not yet acked: the command itself comes back
+                    self.log.warning(
+                        "report not stored; leaving the command for the next start", run_id=run_id
+                    )
+                    return False
                 self.log.warning(
                     "report not stored yet; retrying",
                     run_id=run_id,
