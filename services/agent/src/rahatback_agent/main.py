@@ -37,6 +37,12 @@ def _error_detail(response: httpx.Response) -> str:
         return response.text.strip()[:500] or response.reason_phrase
     if isinstance(body, dict) and "detail" in body:
         detail = body["detail"]
+        if isinstance(detail, list):  # FastAPI validation errors: say which field and why
+            return "; ".join(
+                f"{'.'.join(str(p) for p in item.get('loc', [])[1:])}: {item.get('msg')}"
+                for item in detail
+                if isinstance(item, dict)
+            )
         return detail if isinstance(detail, str) else str(detail)
     return str(body)[:500]
 
