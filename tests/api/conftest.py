@@ -25,7 +25,7 @@ from rahatback_api.security.secretbox import SecretBox
 from rahatback_api.settings import Settings
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from tests.servers import PostgresServer
+from tests.servers import NatsServer, PostgresServer
 
 PASSWORD = "correct horse battery staple"
 
@@ -41,9 +41,10 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
+def settings(database_url: str, tmp_path: Path, nats_server: NatsServer) -> Settings:
     return Settings(
         database_url=database_url,
+        nats_url=nats_server.url,
         master_key=base64.b64encode(os.urandom(32)).decode(),
         dev_mode=False,
         var_dir=tmp_path / "var",

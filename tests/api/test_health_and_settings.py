@@ -10,6 +10,8 @@ import pytest
 from rahatback_api.main import create_app
 from rahatback_api.settings import ConfigurationError, Settings
 
+from tests.servers import NatsServer
+
 
 async def test_healthz_and_request_id(client: httpx.AsyncClient) -> None:
     r = await client.get("/healthz")
@@ -65,9 +67,12 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert key not in repr(settings)
 
 
-async def test_dev_mode_migrates_at_startup(tmp_path: Path) -> None:
+async def test_dev_mode_migrates_at_startup(tmp_path: Path, nats_server: NatsServer) -> None:
     settings = Settings(
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'dev.db'}", dev_mode=True, var_dir=tmp_path / "var"
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'dev.db'}",
+        dev_mode=True,
+        var_dir=tmp_path / "var",
+        nats_url=nats_server.url,
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):

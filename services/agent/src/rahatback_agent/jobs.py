@@ -297,7 +297,8 @@ async def run_restore(
             set_stage("downloading")
             engine = get_engine(cmd.database.engine)
             conn = Connection(settings=dict(cmd.database.settings), secrets=_as_str_secrets(db_secrets))
-            await engine.test(conn)
+            # no connection test first: a restore may create its target (a new SQLite file), and the
+            # engine's restore reports an unreachable or refused target just as clearly
             storage = get_storage(cmd.storage, storage_secrets)
             log.info("restore starting", storage_key=cmd.storage_key, engine=engine.name)
 

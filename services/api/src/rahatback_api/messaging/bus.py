@@ -20,6 +20,10 @@ from rahatback_contracts.messages import Message
 log = structlog.get_logger(__name__)
 
 
+class NatsUnreachable(RuntimeError):
+    """NATS did not answer at start-up: the API cannot do anything useful without it."""
+
+
 class AgentOffline(Exception):
     """No agent answered a request: NATS said "no responders" (or it timed out)."""
 
@@ -53,7 +57,8 @@ class Bus:
     js: JetStreamContext
 
     @classmethod
-    async def connect(cls, url: str, name: str = "rahatback-api") -> Bus:
+    async def connect(cls, url: str, name: str = "rahatback-api", first_connect_seconds: float = 30) -> Bus:
+        """Connect (and later reconnect forever); refuse to start if NATS is unreachable at first."""
         async def on_error(exc: Exception) -> None:
             log.warning("nats.error", error=str(exc))
 
@@ -63,15 +68,21 @@ class Bus:
         async def on_reconnect() -> None:
             log.info("nats.reconnected")
 
-        nc = await nats.connect(
-            servers=[url],
-            name=name,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=1,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-        )
+        try:
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=[url],
+                    name=name,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                ),
+                first_connect_seconds,
+            )
+        except TimeoutError as exc:
+            raise NatsUnreachable(f"cannot reach NATS at {url} within {first_connect_seconds:.0f} s") from exc
         bus = cls(nc=nc, js=nc.jetstream())
         await bus.ensure_streams()
         return bus
