@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import httpx
-from rahatback_api.backups.service import load_job_key
+from rahatback_api.backups.service import load_backup_key
 from rahatback_api.db import session_scope
-from rahatback_api.models import Agent, BackupJob, BackupRun
+from rahatback_api.models import Agent, BackupKey, BackupRun
 from rahatback_api.security.secretbox import SecretBox
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -54,13 +54,24 @@ async def test_job_key_is_random_and_encrypted(
     a = await create_job(client, tenant, name="a")
     b = await create_job(client, tenant, name="b")
     async with session_scope(sessionmaker) as session:
-        job_a = await session.get(BackupJob, a["id"])
-        job_b = await session.get(BackupJob, b["id"])
-    assert job_a is not None and job_b is not None
-    key_a, key_b = load_job_key(box, job_a), load_job_key(box, job_b)
+        key_a = await load_backup_key(session, box, tenant.org_id, a["key_id"])
+        key_b = await load_backup_key(session, box, tenant.org_id, b["key_id"])
+        stored = await session.get(BackupKey, a["key_id"])
     assert len(key_a) == len(key_b) == 32
     assert key_a != key_b
-    assert key_a.hex() not in job_a.job_key_encrypted
+    assert stored is not None and key_a.hex() not in stored.key_encrypted
+
+
+async def test_deleting_a_job_keeps_its_key_for_old_backups(
+    client: httpx.AsyncClient, tenant: Tenant, sessionmaker: async_sessionmaker[AsyncSession], box: SecretBox
+) -> None:
+    job = await create_job(client, tenant)
+    async with session_scope(sessionmaker) as session:
+        before = await load_backup_key(session, box, tenant.org_id, job["key_id"])
+    r = await client.delete(f"/v1/backups/jobs/{job['id']}", headers=tenant.headers)
+    assert r.status_code == 204, r.text
+    async with session_scope(sessionmaker) as session:
+        assert await load_backup_key(session, box, tenant.org_id, job["key_id"]) == before
 
 
 async def test_database_and_storage_in_use_cannot_be_deleted_but_history_survives_the_job(

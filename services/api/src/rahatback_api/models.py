@@ -6,7 +6,7 @@ from sqlmodel import SQLModel
 
 from rahatback_api.agents.models import Agent, EnrollmentToken
 from rahatback_api.auth.models import ApiToken, Membership, Organization, User
-from rahatback_api.backups.models import BackupJob, BackupRun, RestoreRun
+from rahatback_api.backups.models import BackupJob, BackupKey, BackupRun, RestoreRun
 from rahatback_api.databases.models import Database
 from rahatback_api.outbox.models import OutboxMessage, ProcessedMessage
 from rahatback_api.storages.models import Storage
@@ -17,6 +17,7 @@ __all__ = [
     "Agent",
     "ApiToken",
     "BackupJob",
+    "BackupKey",
     "BackupRun",
     "Database",
     "EnrollmentToken",

@@ -7,7 +7,7 @@ from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, field_validator
 from pydantic import Field as PydanticField
-from sqlalchemy import BigInteger, Index, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from rahatback_api.backups.schedule import check_cron, check_timezone
@@ -42,7 +42,6 @@ class BackupJob(SQLModel, table=True):
     encryption_enabled: bool = True
     key_id: str = Field(max_length=80)  # f"{job id}:{generation}"
     # the 32-byte job key under the master key (SecretBox, AAD f"job-key:{job id}")
-    job_key_encrypted: str = Field(sa_type=Text)
     cron: str | None = Field(default=None, max_length=120)
     timezone: str = Field(default="UTC", max_length=64)
     enabled: bool = True
@@ -50,6 +49,25 @@ class BackupJob(SQLModel, table=True):
     last_run_status: str | None = Field(default=None, max_length=16)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class BackupKey(SQLModel, table=True):
+    """A managed backup key (wraps each artifact's data key). Kept apart from its job so that
+    deleting or re-keying a job never makes its old backups unrestorable."""
+
+    __tablename__ = "backup_keys"
+
+    id: str = Field(
+        primary_key=True, max_length=80
+    )  # the key id written in artifacts: f"{job id}:{generation}"
+    org_id: str = Field(foreign_key="organizations.id", index=True, max_length=ID_LENGTH)
+    job_id: str = Field(index=True, max_length=ID_LENGTH)  # no FK: outlives the job
+    # SecretBox ciphertext (AAD f"backup-key:{id}") of the 32 raw key bytes
+    key_encrypted: str = Field(sa_type=Text)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+ACTIVE_RUN_STATUSES = ("queued", "running")
 
 
 class BackupRun(SQLModel, table=True):
@@ -63,6 +81,14 @@ class BackupRun(SQLModel, table=True):
         Index("ix_backup_runs_org_database_queued", "org_id", "database_id", "queued_at"),
         Index("ix_backup_runs_org_status_queued", "org_id", "status", "queued_at"),
         Index("ix_backup_runs_status_progress", "status", "last_progress_at"),  # stall watchdog
+        # at most one queued/running run per job, even when two "run now" requests race
+        Index(
+            "uq_backup_runs_active_job",
+            "job_id",
+            unique=True,
+            sqlite_where=text("status IN ('queued', 'running')"),
+            postgresql_where=text("status IN ('queued', 'running')"),
+        ),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=ID_LENGTH)

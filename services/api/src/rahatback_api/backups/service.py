@@ -13,11 +13,13 @@ from sqlmodel import col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from rahatback_api.backups.models import (
+    ACTIVE_RUN_STATUSES,
     COMPRESSION_LEVELS,
     BackupJob,
     BackupJobCreate,
     BackupJobPublic,
     BackupJobUpdate,
+    BackupKey,
     BackupRun,
     BackupRunPublic,
     RestoreRun,
@@ -38,18 +40,30 @@ JOB_KEY_BYTES = 32
 # --- job keys -----------------------------------------------------------------------------------
 
 
-def _job_key_aad(job_id: str) -> bytes:
-    return f"job-key:{job_id}".encode()
+def _key_aad(key_id: str) -> bytes:
+    return f"backup-key:{key_id}".encode()
 
 
-def _new_job_key(box: SecretBox, job: BackupJob, generation: int = 1) -> None:
-    job.job_key_encrypted = box.encrypt(secrets.token_bytes(JOB_KEY_BYTES), _job_key_aad(job.id))
-    job.key_id = f"{job.id}:{generation}"
+def new_backup_key(session: AsyncSession, box: SecretBox, job: BackupJob, generation: int = 1) -> None:
+    """Give the job a fresh key; earlier keys stay stored so older backups remain restorable."""
+    key_id = f"{job.id}:{generation}"
+    raw = secrets.token_bytes(JOB_KEY_BYTES)
+    session.add(
+        BackupKey(
+            id=key_id, org_id=job.org_id, job_id=job.id, key_encrypted=box.encrypt(raw, _key_aad(key_id))
+        )
+    )
+    job.key_id = key_id
 
 
-def load_job_key(box: SecretBox, job: BackupJob) -> bytes:
-    """The job's 32-byte key (wraps each artifact's data key); its id is `job.key_id`."""
-    return box.decrypt(job.job_key_encrypted, _job_key_aad(job.id))
+async def load_backup_key(session: AsyncSession, box: SecretBox, org_id: str, key_id: str) -> bytes:
+    """The 32-byte key with this id (it wraps each artifact's data key)."""
+    key = await session.get(BackupKey, key_id)
+    if key is None or key.org_id != org_id:
+        raise Conflict(
+            f"backup key {key_id!r} is not available; the backups made with it cannot be decrypted here"
+        )
+    return box.decrypt(key.key_encrypted, _key_aad(key_id))
 
 
 # --- jobs ---------------------------------------------------------------------------------------
@@ -121,9 +135,8 @@ async def create_job(session: AsyncSession, box: SecretBox, org_id: str, data: B
         timezone=data.timezone,
         enabled=data.enabled,
         key_id="",
-        job_key_encrypted="",
     )
-    _new_job_key(box, job)
+    new_backup_key(session, box, job)
     session.add(job)
     await session.flush()
     return job
@@ -189,8 +202,19 @@ async def update_job(session: AsyncSession, org_id: str, job_id: str, data: Back
 
 
 async def delete_job(session: AsyncSession, org_id: str, job_id: str) -> None:
-    """Removes the job; its runs stay in the history with their job_id."""
+    """Removes the job; its runs stay in the history with their job_id, its keys stay stored."""
     job = await get_job(session, org_id, job_id)
+    active = (
+        await session.execute(
+            select(BackupRun.id).where(
+                BackupRun.job_id == job.id, col(BackupRun.status).in_(ACTIVE_RUN_STATUSES)
+            )
+        )
+    ).first()
+    if active is not None:
+        raise Conflict(
+            "the job has a queued or running backup; wait for it to finish before deleting the job"
+        )
     await session.delete(job)
     await session.flush()
 

@@ -59,6 +59,7 @@ class Bus:
     @classmethod
     async def connect(cls, url: str, name: str = "rahatback-api", first_connect_seconds: float = 30) -> Bus:
         """Connect (and later reconnect forever); refuse to start if NATS is unreachable at first."""
+
         async def on_error(exc: Exception) -> None:
             log.warning("nats.error", error=str(exc))
 

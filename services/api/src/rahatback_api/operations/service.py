@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from rahatback_api.agents.service import is_online as _is_online
-from rahatback_api.backups.service import load_job_key
+from rahatback_api.backups.service import load_backup_key
 from rahatback_api.databases.service import database_target_parts
 from rahatback_api.errors import AppError, Conflict
 from rahatback_api.messaging.bus import AgentOffline, Bus
@@ -208,7 +208,7 @@ async def start_backup(
     info = m.seal_info("run", run.id)
     encryption = m.EncryptionSpec(enabled=False)
     if job.encryption_enabled:
-        key = load_job_key(box, job)
+        key = await load_backup_key(session, box, job.org_id, job.key_id)
         encryption = m.EncryptionSpec(
             enabled=True,
             key_id=job.key_id,
@@ -293,13 +293,13 @@ async def start_restore(
     info = m.seal_info("restore", restore.id)
     encryption = None
     if run.encrypted:
-        job = await session.get(BackupJob, run.job_id)
-        if job is None or job.key_id != run.key_id:
-            raise Conflict(f"the key {run.key_id!r} of this backup is no longer available")
+        if run.key_id is None:
+            raise Conflict(f"backup run {run.id} is encrypted but records no key id")
+        key = await load_backup_key(session, box, run.org_id, run.key_id)
         encryption = m.EncryptionSpec(
             enabled=True,
             key_id=run.key_id,
-            job_key=seal_for_agent(agent.x25519_public_key, {"key_b64": _b64(load_job_key(box, job))}, info),
+            job_key=seal_for_agent(agent.x25519_public_key, {"key_b64": _b64(key)}, info),
         )
     engine, settings, secrets = database_target_parts(box, target)
     _, storage_secrets = storage_target_parts(box, storage)

@@ -153,6 +153,13 @@ def upgrade() -> None:
             "ix_backup_runs_org_status_queued", ["org_id", "status", "queued_at"], unique=False
         )
         batch_op.create_index("ix_backup_runs_status_progress", ["status", "last_progress_at"], unique=False)
+        batch_op.create_index(
+            "uq_backup_runs_active_job",
+            ["job_id"],
+            unique=True,
+            sqlite_where=sa.text("status IN ('queued', 'running')"),
+            postgresql_where=sa.text("status IN ('queued', 'running')"),
+        )
 
     op.create_table(
         "enrollment_tokens",
@@ -277,7 +284,6 @@ def upgrade() -> None:
         sa.Column("compression_level", sa.Integer(), nullable=True),
         sa.Column("encryption_enabled", sa.Boolean(), nullable=False),
         sa.Column("key_id", sa.String(length=80), nullable=False),
-        sa.Column("job_key_encrypted", sa.Text(), nullable=False),
         sa.Column("cron", sa.String(length=120), nullable=True),
         sa.Column("timezone", sa.String(length=64), nullable=False),
         sa.Column("enabled", sa.Boolean(), nullable=False),
@@ -301,9 +307,25 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_backup_jobs_database_id"), ["database_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_backup_jobs_org_id"), ["org_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_backup_jobs_storage_id"), ["storage_id"], unique=False)
+    op.create_table(
+        "backup_keys",
+        sa.Column("id", sa.String(length=80), nullable=False),
+        sa.Column("org_id", sa.String(length=32), nullable=False),
+        sa.Column("job_id", sa.String(length=32), nullable=False),
+        sa.Column("key_encrypted", sa.Text(), nullable=False),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["org_id"], ["organizations.id"], name=op.f("fk_backup_keys_org_id_organizations")
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_backup_keys")),
+    )
+    with op.batch_alter_table("backup_keys", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_backup_keys_job_id"), ["job_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_backup_keys_org_id"), ["org_id"], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_table("backup_keys")
     with op.batch_alter_table("backup_jobs", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_backup_jobs_storage_id"))
         batch_op.drop_index(batch_op.f("ix_backup_jobs_org_id"))
