@@ -1,0 +1,84 @@
+"""The shared language: subjects resist wildcard forgery, messages round-trip, streams never overlap."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from pydantic import ValidationError
+from rahatback_contracts import messages as m
+from rahatback_contracts import streams, subjects
+
+AGENT = uuid.uuid4().hex
+
+
+def test_subjects_are_built_from_checked_agent_ids() -> None:
+    assert subjects.agent_command(AGENT, "job.execute") == f"agent.{AGENT}.job.execute"
+    assert subjects.agent_report(AGENT, "backup", "completed") == f"agent.{AGENT}.report.backup.completed"
+    assert subjects.agent_inbox_prefix(AGENT) == f"_INBOX.{AGENT}"
+    assert subjects.agent_id_of(subjects.agent_progress(AGENT)) == AGENT
+
+
+@pytest.mark.parametrize("bad", ["*", ">", "a.b", "", AGENT.upper(), AGENT + "0", "x" * 32])
+def test_agent_ids_that_could_widen_a_subject_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="agent id"):
+        subjects.agent_heartbeat(bad)
+    with pytest.raises(ValueError):
+        subjects.agent_id_of(f"agent.{bad}.heartbeat")
+
+
+def test_messages_round_trip_and_are_frozen() -> None:
+    now = datetime.now(UTC)
+    report = m.BackupCompleted(
+        agent_id=AGENT,
+        occurred_at=now,
+        run_id="r1",
+        started_at=now,
+        finished_at=now,
+        storage_key="k",
+        manifest_key="k.manifest.json",
+        dump_size=10,
+        artifact_size=5,
+        dump_sha256="a" * 64,
+        artifact_sha256="b" * 64,
+        dump_format="postgresql-plain-sql",
+        agent_version="0.1.0",
+    )
+    again = m.BackupCompleted.from_bytes(report.to_bytes())
+    assert again == report and again.schema_version == 1
+    with pytest.raises(ValidationError):
+        report.dump_size = 11  # type: ignore[misc]
+
+
+def test_newer_producers_may_add_fields() -> None:
+    body = b'{"agent_id": "%s", "version": "9", "at": "2026-01-01T00:00:00Z", "future": 1}' % AGENT.encode()
+    assert m.Heartbeat.from_bytes(body).version == "9"
+
+
+def test_stream_subjects_never_overlap() -> None:
+    owned = [(spec.name, subject) for spec in streams.ALL_STREAMS for subject in spec.subjects]
+    for i, (name_a, a) in enumerate(owned):
+        for name_b, b in owned[i + 1 :]:
+            assert not _overlap(a, b), f"{name_a}:{a} overlaps {name_b}:{b}"
+
+
+def test_events_stream_carries_every_event_type_but_not_control() -> None:
+    assert "backup.requested" not in streams.EVENTS.subjects
+    assert subjects.BACKUP_REQUESTED in streams.CONTROL.subjects
+    assert streams.AGENT_COMMANDS.retention == "workqueue"
+    consumer = streams.agent_commands_consumer(AGENT)
+    assert consumer.filter_subjects == (f"agent.{AGENT}.>",) and consumer.durable == f"agent-{AGENT}"
+
+
+def _overlap(a: str, b: str) -> bool:
+    """NATS subject overlap: `*` matches one token, `>` the rest."""
+    ta, tb = a.split("."), b.split(".")
+    for i, (x, y) in enumerate(zip(ta, tb, strict=False)):
+        if x == ">" or y == ">":
+            return True
+        if x != y and "*" not in (x, y):
+            return False
+        if i == min(len(ta), len(tb)) - 1 and len(ta) != len(tb):
+            return False
+    return len(ta) == len(tb)
