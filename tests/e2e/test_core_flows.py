@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import nats
 import pytest
 
+from scripts.devstack import BIN
 from tests.e2e.conftest import Client, stack_logs, table_fingerprint
 from tests.servers import PostgresServer
 
@@ -43,6 +45,12 @@ insert into orders (customer_id, total, note)
   select 1 + (i % 5000), (i % 997) * 1.25, case when i % 7 = 0 then null else repeat('x', i % 50) end
   from generate_series(1, 60000) i;
 """
+
+
+def read_only_token(client: Client) -> str:
+    """A read-only personal access token of the same organization."""
+    created = client.ok("POST", "/v1/tokens", {"name": "read-only", "scopes": ["read"], "expires_in_days": 1})
+    return str(created["token"])
 
 
 def wait_status(client: Client, path: str, done: set[str], timeout: float = 120) -> dict[str, Any]:
@@ -203,6 +211,22 @@ def test_backup_and_restore_postgresql_end_to_end(
     assert expected["customers"][0] == 5000 and expected["orders"][0] == 60000
     assert table_fingerprint(pg, TARGET_DB) == expected
     assert stack.ok("GET", f"/v1/backups/history/{run['id']}")["last_restore_status"] == "completed"
+
+    # recovery without RahatBack: the exported key and the file are enough
+    exported = stack.ok("POST", f"/v1/backups/keys/{run['key_id']}/export")
+    read_only_denied = stack.call(
+        "POST", f"/v1/backups/keys/{run['key_id']}/export", token=read_only_token(stack)
+    )
+    assert read_only_denied.status_code == 403
+    keyfile = tmp_path / "key"
+    keyfile.write_text(exported["key_b64"])
+    plain = tmp_path / "dump.sql"
+    subprocess.run(
+        [str(BIN / "rahatback-agent"), "decrypt", str(artifact), "--key", f"@{keyfile}", "--out", str(plain)],
+        check=True,
+    )
+    assert hashlib.sha256(plain.read_bytes()).hexdigest() == run["dump_sha256"]
+    assert b"CREATE TABLE" in plain.read_bytes()
 
     # a tampered artifact: the restore fails clearly and the target stays exactly as it was
     pg.psql(TARGET_DB, "delete from orders where id > 59000")

@@ -203,6 +203,11 @@ class BackupJobPublic(BaseModel):
     updated_at: datetime
 
 
+class BackupKeyExport(BaseModel):
+    key_id: str
+    key_b64: str
+
+
 class BackupRunPublic(BaseModel):
     id: str
     job_id: str | None

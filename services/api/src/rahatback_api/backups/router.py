@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from typing import Annotated
 
+import structlog
 from fastapi import APIRouter, Query, status
 
 from rahatback_api.auth.deps import AdminPrincipal, CurrentPrincipal, OperatorPrincipal
@@ -11,6 +13,7 @@ from rahatback_api.backups.models import (
     BackupJobCreate,
     BackupJobPublic,
     BackupJobUpdate,
+    BackupKeyExport,
     BackupRunPublic,
     Page,
     RestoreRunPublic,
@@ -18,6 +21,8 @@ from rahatback_api.backups.models import (
 )
 from rahatback_api.db import SessionDep
 from rahatback_api.deps import SecretBoxDep
+
+log = structlog.get_logger(__name__)
 
 router = APIRouter(prefix="/v1/backups", tags=["backups"])
 
@@ -98,3 +103,16 @@ async def list_restores(
 @router.get("/restores/{restore_id}", response_model=RestoreRunPublic)
 async def get_restore(restore_id: str, principal: CurrentPrincipal, session: SessionDep) -> RestoreRunPublic:
     return service.restore_public(await service.get_restore(session, principal.org_id, restore_id))
+
+
+@router.post("/keys/{key_id}/export", response_model=BackupKeyExport)
+async def export_key(
+    key_id: str, principal: AdminPrincipal, session: SessionDep, box: SecretBoxDep
+) -> BackupKeyExport:
+    """The raw backup key, for recovery without RahatBack (`rahatback-agent decrypt --key`).
+
+    Admins only, on purpose with POST: whoever holds this key can read every backup made with it.
+    """
+    key = await service.load_backup_key(session, box, principal.org_id, key_id)
+    log.warning("backup key exported", key_id=key_id, user_id=principal.user.id, org_id=principal.org_id)
+    return BackupKeyExport(key_id=key_id, key_b64=base64.b64encode(key).decode())
