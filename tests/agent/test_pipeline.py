@@ -404,3 +404,26 @@ async def test_consumer_stopping_early_cleans_up(tmp_path: Path) -> None:
         break
     await stream.aclose()  # type: ignore[attr-defined]
     assert_nothing_left_running()
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+async def test_restore_of_a_very_compressible_dump_yields_bounded_pieces(
+    tmp_path: Path, compression: Compression
+) -> None:
+    # pgbench-like rows padded with blanks compress ~100:1: one artifact block would expand to
+    # ~100 MiB if decoded at once; the restore must hand it out in pieces of about a MiB
+    row = b"%08d" + b" " * 392 + b"\n"
+    data = b"".join(row % i for i in range(400_000))  # 160 MB
+    storage = LocalStorage(tmp_path)
+    key = f"db/x.sql{artifact_extension(compression, True)}"
+    result = await backup(storage, key, data, compression, True)
+    assert result.artifact_size * 50 < len(data)
+
+    largest = total = 0
+    digest = hashlib.sha256()
+    async for piece in restore_stream(storage.read(key), compression=compression, job_key_lookup=JOB_KEY):
+        largest = max(largest, len(piece))
+        total += len(piece)
+        digest.update(piece)
+    assert total == len(data) and digest.hexdigest() == result.dump_sha256
+    assert largest <= 4 << 20, f"one restore piece was {largest / 2**20:.0f} MiB"

@@ -14,7 +14,7 @@ import hashlib
 import os
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,8 +50,10 @@ ProgressCallback = Callable[[int, int], None]
 BLOCK_SIZE = 1 << 20
 QUEUE_DEPTH = 2
 PROGRESS_INTERVAL = 0.25
-# Decompressing in slices keeps one call's output bounded for highly compressible dumps.
-DECOMPRESS_SLICE = 256 << 10
+# Decompressing in small slices keeps one step's output bounded for highly compressible dumps
+# (pgbench's blank-padded rows compress ~100:1; one 1 MiB block would expand to 100 MiB at once).
+DECOMPRESS_SLICE = 4 << 10
+GZIP_MAX_OUTPUT = 1 << 20
 ZSTD_MAX_THREADS = 4
 ZSTD_JOB_SIZE = 2 << 20
 
@@ -160,8 +162,12 @@ def _make_compressor(compression: Compression, level: int) -> _Compressor:
 
 
 class _Decompressor:
-    def decompress(self, data: bytes) -> list[bytes]:
-        return [data] if data else []
+    """Generators all the way down: the caller pulls output piece by piece, so memory stays
+    bounded even for dumps that compress 1000:1 (a restore must never hold a whole block's output)."""
+
+    def decompress(self, data: bytes) -> Iterator[bytes]:
+        if data:
+            yield data
 
     def finish(self) -> None:
         return None
@@ -173,8 +179,7 @@ class _ZstdDecompressor(_Decompressor):
         self._obj = self._dctx.decompressobj()
         self._in_frame = False
 
-    def decompress(self, data: bytes) -> list[bytes]:
-        out: list[bytes] = []
+    def decompress(self, data: bytes) -> Iterator[bytes]:
         view = memoryview(data)
         for start in range(0, len(view), DECOMPRESS_SLICE):
             pending = bytes(view[start : start + DECOMPRESS_SLICE])
@@ -185,14 +190,13 @@ class _ZstdDecompressor(_Decompressor):
                 except zstandard.ZstdError as exc:
                     raise ArtifactError(f"compressed data is corrupt (zstd: {exc})") from exc
                 if piece:
-                    out.append(piece)
+                    yield piece
                 pending = b""
                 if self._obj.eof:
                     # Concatenated frames are valid zstd; continue with a fresh frame decoder.
                     pending = self._obj.unused_data
                     self._obj = self._dctx.decompressobj()
                     self._in_frame = False
-        return out
 
     def finish(self) -> None:
         if self._in_frame:
@@ -204,23 +208,21 @@ class _GzipDecompressor(_Decompressor):
         self._obj = zlib.decompressobj(31)
         self._in_member = False
 
-    def decompress(self, data: bytes) -> list[bytes]:
-        out: list[bytes] = []
+    def decompress(self, data: bytes) -> Iterator[bytes]:
         pending = data
         while pending:
             self._in_member = True
             try:
-                piece = self._obj.decompress(pending)
+                piece = self._obj.decompress(pending, GZIP_MAX_OUTPUT)
             except zlib.error as exc:
                 raise ArtifactError(f"compressed data is corrupt (gzip: {exc})") from exc
             if piece:
-                out.append(piece)
-            pending = b""
+                yield piece
+            pending = self._obj.unconsumed_tail
             if self._obj.eof:
                 pending = self._obj.unused_data
                 self._obj = zlib.decompressobj(31)
                 self._in_member = False
-        return out
 
     def finish(self) -> None:
         if self._in_member:
@@ -465,7 +467,7 @@ class RestoreDecoder:
             if self._head == MAGIC:
                 raise ArtifactError("the artifact is encrypted (RBK1) but no key was given")
 
-    def _decompress(self, data: bytes) -> list[bytes]:
+    def _decompress(self, data: bytes) -> Iterator[bytes]:
         if self._decompressor is None:
             assert self._decryptor is not None and self._decryptor.header is not None
             from_header = self._decryptor.header.compression
@@ -475,22 +477,21 @@ class RestoreDecoder:
                     f" but {self._compression!r} was expected"
                 )
             self._decompressor = _make_decompressor(from_header)
-        out = self._decompressor.decompress(data)
-        for piece in out:
+        for piece in self._decompressor.decompress(data):
             self._dump_hash.update(piece)
             self.dump_size += len(piece)
-        return out
+            yield piece
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Decode `data`, yielding dump bytes piece by piece (pull them all before the next feed)."""
         self._artifact_hash.update(data)
         self.artifact_size += len(data)
         if self._decryptor is None:
             self._check_plain_start(data)
-            return self._decompress(data)
-        out: list[bytes] = []
+            yield from self._decompress(data)
+            return
         for plain in self._decryptor.feed(data):
-            out.extend(self._decompress(plain))
-        return out
+            yield from self._decompress(plain)
 
     def finish(self) -> None:
         if self._decryptor is not None:
@@ -558,11 +559,27 @@ async def restore_stream(
     queue: asyncio.Queue[bytes | _End | BaseException] = asyncio.Queue(QUEUE_DEPTH)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rahatback-restore")
 
-    def decode(data: bytes, last: bool) -> bytes:
-        out = decoder.feed(data)
+    def decode(data: bytes, last: bool) -> Iterator[bytes]:
+        """Dump bytes of one artifact block in pieces of about BLOCK_SIZE, never a whole block's
+        expansion at once."""
+        pieces: list[bytes] = []
+        size = 0
+        for piece in decoder.feed(data):
+            pieces.append(piece)
+            size += len(piece)
+            if size >= BLOCK_SIZE:
+                yield b"".join(pieces)
+                pieces, size = [], 0
         if last:
             decoder.finish()
-        return out[0] if len(out) == 1 else b"".join(out)
+        if pieces:
+            yield b"".join(pieces)
+
+    async def decode_into_queue(data: bytes, last: bool) -> None:
+        pieces = decode(data, last)
+        while (out := await _in_thread(executor, next, pieces, None)) is not None:
+            progress.bytes_in = decoder.artifact_size
+            await queue.put(out)
 
     async def produce() -> None:
         try:
@@ -573,15 +590,10 @@ async def restore_stream(
                     pieces.append(piece)
                     pending += len(piece)
                     if pending >= BLOCK_SIZE:
-                        out = await _in_thread(executor, decode, b"".join(pieces), False)
+                        await decode_into_queue(b"".join(pieces), False)
                         pieces, pending = [], 0
-                        progress.bytes_in = decoder.artifact_size
-                        if out:
-                            await queue.put(out)
-                out = await _in_thread(executor, decode, b"".join(pieces), True)
+                await decode_into_queue(b"".join(pieces), True)
                 progress.bytes_in = decoder.artifact_size
-                if out:
-                    await queue.put(out)
             finally:
                 aclose = getattr(source, "aclose", None)
                 if aclose is not None:
