@@ -106,7 +106,10 @@ class ArtifactTampered(Exception):
     pass
 
 
-async def replay_then_fail(chunks: list[bytes], after_bytes: int) -> AsyncIterator[bytes]:
+async def replay_then_fail(chunks: list[bytes], after: int | bytes) -> AsyncIterator[bytes]:
+    # `after`: a byte count (usually mid-statement) or a marker to stop right behind, which ends
+    # on a complete statement, so psql at EOF would commit what it has: only the kill prevents it
+    after_bytes = after if isinstance(after, int) else b"".join(chunks).index(after) + len(after)
     sent = 0
     for chunk in chunks:
         piece = chunk[: max(after_bytes - sent, 0)]
@@ -272,16 +275,18 @@ async def test_restore_replaces_existing_tables(
     assert fingerprint(postgres, target) == fingerprint(postgres, source_db)
 
 
-@pytest.mark.parametrize("fail_after", [1, 40_000, 150_000])
+@pytest.mark.parametrize(
+    "fail_after", [1, 40_000, 150_000, b"DROP TABLE IF EXISTS public.customers;\n", b"\n\\.\n"]
+)
 async def test_restore_whose_input_fails_leaves_target_exactly_as_it_was(
-    postgres: PostgresServer, source_dump: list[bytes], fail_after: int
+    postgres: PostgresServer, source_dump: list[bytes], fail_after: int | bytes
 ) -> None:
     target = new_db(
         postgres,
         "CREATE TABLE customers (id int PRIMARY KEY, name text); INSERT INTO customers VALUES (1, 'keep me')",
     )
     before = fingerprint(postgres, target)
-    assert sum(map(len, source_dump)) > fail_after
+    assert isinstance(fail_after, bytes) or sum(map(len, source_dump)) > fail_after
 
     with pytest.raises(ArtifactTampered):
         await PostgreSQLEngine().restore(

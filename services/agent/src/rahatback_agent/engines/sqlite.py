@@ -15,11 +15,12 @@ import asyncio
 import codecs
 import contextlib
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,7 +94,7 @@ class _ThreadChunks:
     so the producer is never more than _QUEUE_SLOTS chunks ahead.
     """
 
-    def __init__(self, produce: Callable[[], Iterator[bytes]]) -> None:
+    def __init__(self, produce: Callable[[], Generator[bytes, None, None]]) -> None:
         self._produce = produce
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[object] = asyncio.Queue()
@@ -109,11 +110,14 @@ class _ThreadChunks:
 
     def _run(self) -> None:
         try:
-            for chunk in self._produce():
-                self._slots.acquire()
-                if self._stop.is_set():
-                    return
-                self._hand_over(chunk)
+            # closing(): the producer's cleanup (closing its sqlite3 connection) runs here, in this
+            # thread, not whenever and wherever the abandoned generator is collected
+            with contextlib.closing(self._produce()) as chunks:
+                for chunk in chunks:
+                    self._slots.acquire()
+                    if self._stop.is_set():
+                        return
+                    self._hand_over(chunk)
             self._hand_over(_END)
         except BaseException as exc:
             self._hand_over(exc)
@@ -142,7 +146,7 @@ class _ThreadChunks:
         await self._done
 
 
-def _dump_chunks(path: Path) -> Iterator[bytes]:
+def _dump_chunks(path: Path) -> Generator[bytes, None, None]:
     db = _open_read_only(path)
     try:
         # one read transaction for the whole dump: every table comes from the same snapshot
@@ -163,6 +167,11 @@ def _dump_chunks(path: Path) -> Iterator[bytes]:
         db.close()
 
 
+_SQL_SPECIAL = re.compile(r"""--|/\*|[;'"`\[]""")
+_CLOSERS = {"'": "'", '"': '"', "`": "`", "[": "]", "/*": "*/"}
+# a single row's INSERT from iterdump() is one statement; a blob is dumped as hex, twice its size
+_MAX_STATEMENT_CHARS = 1 << 30
+
 # iterdump() wraps its output in these; the restore runs its own single transaction instead
 _WRAPPER_BEGIN = "BEGIN TRANSACTION;"
 _WRAPPER_COMMIT = "COMMIT;"
@@ -175,7 +184,9 @@ class _ScriptRunner:
         self._db = db
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._partial_line = ""
-        self._statement = ""
+        self._parts: list[str] = []
+        self._size = 0
+        self._open: str | None = None  # the quote or comment opener we are inside of
         self.saw_begin = False
         self.saw_commit = False
 
@@ -184,12 +195,42 @@ class _ScriptRunner:
         lines = text.split("\n")
         self._partial_line = "" if final else lines.pop()
         for line in lines:
-            self._statement += line + "\n"
-            if sqlite3.complete_statement(self._statement):
-                self._execute(self._statement)
-                self._statement = ""
-        if final and self._statement.strip():
+            # parts, not str +=: an attribute string is copied on every append
+            self._parts.append(line + "\n")
+            self._size += len(line) + 1
+            # complete_statement rescans the whole buffer, so ask only when this line has a ';'
+            # outside quotes and comments: an unclosed quote must not make the restore quadratic
+            if self._ends_statement(line):
+                statement = "".join(self._parts)
+                if sqlite3.complete_statement(statement):
+                    self._execute(statement)
+                    self._parts, self._size = [], 0
+            elif self._size > _MAX_STATEMENT_CHARS:
+                raise EngineError("tool_failed", "the SQLite dump holds an unterminated statement")
+        if final and "".join(self._parts).strip():
             raise EngineError("tool_failed", "the SQLite dump ends in the middle of a statement")
+
+    def _ends_statement(self, line: str) -> bool:
+        """Tracks quotes and block comments across lines; True if `line` has a ';' outside them."""
+        found = False
+        pos = 0
+        while pos < len(line):
+            if self._open is not None:
+                end = line.find(_CLOSERS[self._open], pos)
+                if end < 0:
+                    break
+                pos = end + len(_CLOSERS[self._open])
+                self._open = None
+                continue
+            token = _SQL_SPECIAL.search(line, pos)
+            if token is None or token.group() == "--":
+                break
+            pos = token.end()
+            if token.group() == ";":
+                found = True
+            else:
+                self._open = token.group()
+        return found and self._open is None
 
     def _execute(self, sql: str) -> None:
         stripped = sql.strip()
