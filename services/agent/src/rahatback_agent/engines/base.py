@@ -7,7 +7,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-ErrorCode = Literal["auth_failed", "unreachable", "unknown_database", "bad_settings", "timeout", "tool_failed", "error"]
+ErrorCode = Literal[
+    "auth_failed", "unreachable", "unknown_database", "bad_settings", "timeout", "tool_failed", "error"
+]
 
 
 class EngineError(Exception):
