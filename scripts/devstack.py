@@ -43,9 +43,7 @@ def wait_for(url: str, timeout: float = 30.0) -> None:
     raise SystemExit(f"{url} did not become ready within {timeout:.0f} s (see var/*.log)")
 
 
-def api_call(
-    api: str, token: str, method: str, path: str, body: dict[str, object] | None = None
-) -> Any:
+def api_call(api: str, token: str, method: str, path: str, body: dict[str, object] | None = None) -> Any:
     request = urllib.request.Request(  # noqa: S310 - local URL we built
         api + path,
         method=method,

@@ -88,9 +88,29 @@ class PostgresServer:
     def psql(self, database: str, sql: str) -> str:
         env = {**os.environ, "PGPASSWORD": self.password}
         out = subprocess.run(
-            [str(PG_BIN / "psql"), "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
-             "-h", self.host, "-p", str(self.port), "-U", self.user, "-d", database, "-c", sql],
-            env=env, check=True, capture_output=True, text=True,
+            [
+                str(PG_BIN / "psql"),
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-U",
+                self.user,
+                "-d",
+                database,
+                "-c",
+                sql,
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         return out.stdout.strip()
 
@@ -113,19 +133,47 @@ def running_postgres(workdir: Path, password: str = "s3cret-Pg-pass") -> Iterato
         for path in (workdir, sock, pwfile):
             os.chown(path, pg.pw_uid, pg.pw_gid)
     subprocess.run(
-        _as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=scram-sha-256",
-                      f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8"]),
-        check=True, capture_output=True,
+        _as_postgres(
+            [
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ]
+        ),
+        check=True,
+        capture_output=True,
     )
     port = free_port()
     opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
     subprocess.run(
-        _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(workdir / "pg.log"), "-w",
-                      "-o", opts, "start"]),
-        check=True, capture_output=True,
+        _as_postgres(
+            [
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(workdir / "pg.log"),
+                "-w",
+                "-o",
+                opts,
+                "start",
+            ]
+        ),
+        check=True,
+        capture_output=True,
     )
     try:
         yield PostgresServer(host="127.0.0.1", port=port, user="postgres", password=password, data_dir=data)
     finally:
-        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       check=False, capture_output=True)
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+            check=False,
+            capture_output=True,
+        )
