@@ -22,9 +22,10 @@ VAR = Path(os.environ.get("RAHATBACK_VAR_DIR", ROOT / "var")).resolve()
 API = os.environ.get("RAHATBACK_API", "http://127.0.0.1:8000")
 
 
-def call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def call(method: str, path: str, body: dict[str, Any] | None = None, *, show: bool = True) -> Any:
     token = (VAR / "admin-token").read_text().strip()
-    print(f"  → {method} {path}" + (f"  {json.dumps(body)}" if body else ""))
+    if show:
+        print(f"  → {method} {path}" + (f"  {json.dumps(body)}" if body else ""))
     request = urllib.request.Request(  # noqa: S310 - the local API
         API + path,
         method=method,
@@ -36,6 +37,11 @@ def call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         raise SystemExit(f"    {exc.code}: {exc.read().decode()}") from None
+    except urllib.error.URLError as exc:
+        raise SystemExit(
+            f"the API at {API} is not answering ({exc.reason}): start it with `make up` and wait for"
+            " 'RahatBack is running'"
+        ) from None
 
 
 def step(title: str) -> None:
@@ -48,9 +54,10 @@ def rows(path: Path) -> list[tuple[Any, ...]]:
 
 
 def wait(path: str, done: set[str]) -> dict[str, Any]:
+    print(f"  → GET {path}  (until it is {' or '.join(sorted(done))})")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        item: dict[str, Any] = call("GET", path)
+        item: dict[str, Any] = call("GET", path, show=False)
         if item["status"] in done:
             return item
         time.sleep(0.5)
