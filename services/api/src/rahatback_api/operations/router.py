@@ -15,7 +15,7 @@ from rahatback_api.auth.deps import CurrentPrincipal, OperatorPrincipal
 from rahatback_api.backups.models import BackupRunPublic, RestoreRunPublic
 from rahatback_api.backups.service import get_job, get_run, restore_public, run_public
 from rahatback_api.databases.engines import ENGINES, EngineName
-from rahatback_api.databases.service import database_target_parts, get_database
+from rahatback_api.databases.service import get_database
 from rahatback_api.db import SessionDep
 from rahatback_api.deps import SecretBoxDep, SettingsDep
 from rahatback_api.messaging.bus import Bus
@@ -100,7 +100,6 @@ async def test_unsaved_connection(
     body: ConnectionTest,
     principal: OperatorPrincipal,
     session: SessionDep,
-    box: SecretBoxDep,
     settings: SettingsDep,
     bus: BusDep,
 ) -> m.DbTestReply:
@@ -110,14 +109,7 @@ async def test_unsaved_connection(
 
     def target(info: str) -> m.DatabaseTarget:
         return service.database_target(
-            box,
-            None,
-            engine=body.engine,
-            name="(unsaved)",
-            settings=public,
-            secrets=secrets,
-            agent=agent,
-            info=info,
+            agent, info, engine=body.engine, name="(unsaved)", settings=public, secrets=secrets
         )
 
     return await service.test_connection(bus, agent, target)
@@ -133,15 +125,10 @@ async def test_saved_connection(
     bus: BusDep,
 ) -> m.DbTestReply:
     db = await get_database(session, principal.org_id, database_id)
-    engine, public, secrets = database_target_parts(box, db)
     agent = await service.choose_agent(session, principal.org_id, db.agent_id, _offline_after(settings))
-
-    def target(info: str) -> m.DatabaseTarget:
-        return service.database_target(
-            box, db, engine=engine, name=db.name, settings=public, secrets=secrets, agent=agent, info=info
-        )
-
-    return await service.test_connection(bus, agent, target)
+    return await service.test_connection(
+        bus, agent, lambda info: service.saved_database_target(box, db, agent, info)
+    )
 
 
 # -------------------------------------------------------------------------------- run, restore

@@ -10,6 +10,7 @@ import base64
 import binascii
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -98,27 +99,32 @@ async def choose_agent(
 
 
 def database_target(
-    box: SecretBox,
-    db: Database | None,
+    agent: Agent,
+    info: str,
     *,
     engine: str,
     name: str,
     settings: dict[str, Any],
-    secrets: dict[str, str],
-    agent: Agent,
-    info: str,
+    secrets: dict[str, Any],
+    database_id: str | None = None,
 ) -> m.DatabaseTarget:
+    """How the agent reaches a database, its secrets sealed to that agent for `info` only."""
     sealed = seal_for_agent(agent.x25519_public_key, secrets, info) if secrets else None
     return m.DatabaseTarget(
-        database_id=db.id if db else None,
-        name=name,
-        engine=engine,
-        settings=settings,
-        secrets=sealed,
+        database_id=database_id, name=name, engine=engine, settings=settings, secrets=sealed
     )
 
 
-async def test_connection(bus: Bus, agent: Agent, target_for: Any) -> m.DbTestReply:
+def saved_database_target(box: SecretBox, db: Database, agent: Agent, info: str) -> m.DatabaseTarget:
+    engine, settings, secrets = database_target_parts(box, db)
+    return database_target(
+        agent, info, engine=engine, name=db.name, settings=settings, secrets=secrets, database_id=db.id
+    )
+
+
+async def test_connection(
+    bus: Bus, agent: Agent, target_for: Callable[[str], m.DatabaseTarget]
+) -> m.DbTestReply:
     """`target_for(info)` builds the DatabaseTarget sealed for this request's binding."""
     request_id = new_id()
     request = m.DbTestRequest(request_id=request_id, database=target_for(m.seal_info("rpc", request_id)))
@@ -143,7 +149,8 @@ async def test_connection(bus: Bus, agent: Agent, target_for: Any) -> m.DbTestRe
 # ---------------------------------------------------------------------------------------- backup
 
 
-def storage_target(storage: Storage, secrets: dict[str, str], agent: Agent, info: str) -> m.StorageTarget:
+def storage_target(box: SecretBox, storage: Storage, agent: Agent, info: str) -> m.StorageTarget:
+    _, secrets = storage_target_parts(box, storage)
     sealed = seal_for_agent(agent.x25519_public_key, secrets, info) if secrets else None
     return m.StorageTarget(
         storage_id=storage.id,
@@ -154,9 +161,17 @@ def storage_target(storage: Storage, secrets: dict[str, str], agent: Agent, info
     )
 
 
-def _command_times() -> tuple[datetime, datetime]:
+def _command_envelope(org_id: str) -> dict[str, Any]:
     issued = now()
-    return issued, issued + COMMAND_TTL
+    return {"command_id": new_id(), "org_id": org_id, "issued_at": issued, "expires_at": issued + COMMAND_TTL}
+
+
+async def _sealed_key(
+    session: AsyncSession, box: SecretBox, agent: Agent, org_id: str, key_id: str, info: str
+) -> m.EncryptionSpec:
+    key = await load_backup_key(session, box, org_id, key_id)
+    job_key = seal_for_agent(agent.x25519_public_key, {"key_b64": _b64(key)}, info)
+    return m.EncryptionSpec(enabled=True, key_id=key_id, job_key=job_key)
 
 
 async def start_backup(
@@ -208,26 +223,13 @@ async def start_backup(
     info = m.seal_info("run", run.id)
     encryption = m.EncryptionSpec(enabled=False)
     if job.encryption_enabled:
-        key = await load_backup_key(session, box, job.org_id, job.key_id)
-        encryption = m.EncryptionSpec(
-            enabled=True,
-            key_id=job.key_id,
-            job_key=seal_for_agent(agent.x25519_public_key, {"key_b64": _b64(key)}, info),
-        )
-    engine, settings, secrets = database_target_parts(box, db)
-    _, storage_secrets = storage_target_parts(box, storage)
-    issued, expires = _command_times()
+        encryption = await _sealed_key(session, box, agent, job.org_id, job.key_id, info)
     command = m.BackupCommand(
-        command_id=new_id(),
-        org_id=job.org_id,
-        issued_at=issued,
-        expires_at=expires,
+        **_command_envelope(job.org_id),
         run_id=run.id,
         job_id=job.id,
-        database=database_target(
-            box, db, engine=engine, name=db.name, settings=settings, secrets=secrets, agent=agent, info=info
-        ),
-        storage=storage_target(storage, storage_secrets, agent, info),
+        database=saved_database_target(box, db, agent, info),
+        storage=storage_target(box, storage, agent, info),
         compression=job.compression,
         compression_level=job.compression_level,
         encryption=encryption,
@@ -295,33 +297,13 @@ async def start_restore(
     if run.encrypted:
         if run.key_id is None:
             raise Conflict(f"backup run {run.id} is encrypted but records no key id")
-        key = await load_backup_key(session, box, run.org_id, run.key_id)
-        encryption = m.EncryptionSpec(
-            enabled=True,
-            key_id=run.key_id,
-            job_key=seal_for_agent(agent.x25519_public_key, {"key_b64": _b64(key)}, info),
-        )
-    engine, settings, secrets = database_target_parts(box, target)
-    _, storage_secrets = storage_target_parts(box, storage)
-    issued, expires = _command_times()
+        encryption = await _sealed_key(session, box, agent, run.org_id, run.key_id, info)
     command = m.RestoreCommand(
-        command_id=new_id(),
-        org_id=run.org_id,
-        issued_at=issued,
-        expires_at=expires,
+        **_command_envelope(run.org_id),
         restore_id=restore.id,
         backup_run_id=run.id,
-        database=database_target(
-            box,
-            target,
-            engine=engine,
-            name=target.name,
-            settings=settings,
-            secrets=secrets,
-            agent=agent,
-            info=info,
-        ),
-        storage=storage_target(storage, storage_secrets, agent, info),
+        database=saved_database_target(box, target, agent, info),
+        storage=storage_target(box, storage, agent, info),
         storage_key=run.storage_key,
         compression=run.compression,
         encrypted=run.encrypted,
