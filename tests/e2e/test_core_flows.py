@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -231,14 +233,20 @@ def test_backup_and_restore_postgresql_end_to_end(
     # a tampered artifact: the restore fails clearly and the target stays exactly as it was
     pg.psql(TARGET_DB, "delete from orders where id > 59000")
     before = table_fingerprint(pg, TARGET_DB)
-    data = bytearray(artifact.read_bytes())
+    original = artifact.read_bytes()
+    data = bytearray(original)
     data[len(data) // 2] ^= 0x01
-    artifact.write_bytes(bytes(data))
-    tampered = stack.ok("POST", f"/v1/backups/history/{run['id']}/restore", {"database_id": target["id"]})
-    tampered = wait_status(stack, f"/v1/backups/restores/{tampered['id']}", {"completed", "failed"})
-    assert tampered["status"] == "failed"
-    assert "authentication" in tampered["error"] or "checksum" in tampered["error"], tampered["error"]
-    assert table_fingerprint(pg, TARGET_DB) == before
+    for damaged, cause in (
+        (bytes(data), "authentication"),
+        (original[: len(original) * 3 // 5], "truncated"),
+    ):
+        artifact.write_bytes(damaged)
+        bad = stack.ok("POST", f"/v1/backups/history/{run['id']}/restore", {"database_id": target["id"]})
+        bad = wait_status(stack, f"/v1/backups/restores/{bad['id']}", {"completed", "failed"})
+        assert bad["status"] == "failed"
+        assert cause in bad["error"], bad["error"]
+        assert table_fingerprint(pg, TARGET_DB) == before
+    artifact.write_bytes(original)
 
     # secrets never in responses or logs
     for path in (
@@ -257,4 +265,37 @@ def test_backup_and_restore_postgresql_end_to_end(
     assert offline.status_code == 409, offline.text
     assert "offline" in offline.json()["detail"]
     assert time.monotonic() - started < 5
+
+    # a backup requested while the agent is away waits in JetStream, sealed, and runs when it is back
+    queued = stack.ok("POST", f"/v1/backups/jobs/{job['id']}/run")
+    pending = wait_until_stored(stack.stack.var / "nats", queued["id"])
+    assert not [p for p in pending if password.encode() in p.read_bytes()]
     stack.stack.start_agent(stack.token)
+    queued = wait_status(stack, f"/v1/backups/history/{queued['id']}", {"completed", "failed"})
+    assert queued["status"] == "completed", queued["error"]
+
+
+def wait_until_stored(store: Path, run_id: str) -> list[Path]:
+    """The JetStream files while a command for `run_id` is in them (the agent has not taken it)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        files = [p for p in store.rglob("*") if p.is_file()]
+        if any(run_id.encode() in p.read_bytes() for p in files if "AGENT_COMMANDS" in str(p)):
+            return files
+        time.sleep(0.2)
+    raise AssertionError(f"the command for run {run_id} never reached the AGENT_COMMANDS stream")
+
+
+def test_sqlite_demo_tour(stack: Client) -> None:
+    """`make demo`, against this stack: SQLite backup, restore into a new file, rows identical."""
+    env = {**os.environ, "RAHATBACK_VAR_DIR": str(stack.stack.var), "RAHATBACK_API": stack.stack.api}
+    tour = subprocess.run(
+        [sys.executable, "scripts/demo.py"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert tour.returncode == 0, tour.stdout + tour.stderr
+    assert "1000 rows, restored 1000 rows: identical" in tour.stdout

@@ -7,10 +7,9 @@ receiving agent's X25519 public key, bound to the run or request id through the 
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 Engine = Literal["postgresql", "sqlite", "mysql", "mongodb", "mssql"]
 StorageKind = Literal["local", "s3", "gdrive"]
@@ -90,8 +89,8 @@ class EncryptionSpec(BaseModel):
 class Command(Message):
     command_id: str
     org_id: str
-    issued_at: datetime
-    expires_at: datetime
+    issued_at: AwareDatetime
+    expires_at: AwareDatetime
 
 
 class BackupCommand(Command):
@@ -156,7 +155,7 @@ class StorageTestReply(Message):
 
 class Report(Message):
     agent_id: str
-    occurred_at: datetime
+    occurred_at: AwareDatetime
 
 
 class BackupStarted(Report):
@@ -166,8 +165,8 @@ class BackupStarted(Report):
 
 class BackupCompleted(Report):
     run_id: str
-    started_at: datetime
-    finished_at: datetime
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
     storage_key: str
     manifest_key: str
     dump_size: int
@@ -191,8 +190,8 @@ class RestoreStarted(Report):
 
 class RestoreCompleted(Report):
     restore_id: str
-    started_at: datetime
-    finished_at: datetime
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
     bytes_restored: int
 
 
@@ -213,7 +212,7 @@ class Progress(Message):
     bytes_in: int  # plaintext dump bytes read (backup) / artifact bytes read (restore)
     bytes_out: int  # artifact bytes written (backup) / dump bytes fed to the engine (restore)
     rate_bps: float
-    at: datetime
+    at: AwareDatetime
 
 
 class Heartbeat(Message):
@@ -222,7 +221,7 @@ class Heartbeat(Message):
     engines: list[Engine] = Field(default_factory=list)
     storages: list[StorageKind] = Field(default_factory=list)
     running: list[str] = Field(default_factory=list)
-    at: datetime
+    at: AwareDatetime
 
 
 # ---------------------------------------------------------------- domain events (EVENTS)
@@ -234,7 +233,7 @@ class DomainEvent(Message):
     event_id: str
     type: str
     org_id: str
-    occurred_at: datetime
+    occurred_at: AwareDatetime
 
 
 class BackupEvent(DomainEvent):
@@ -273,4 +272,4 @@ class BackupRequested(Message):
 
     job_id: str
     org_id: str
-    fire_time: datetime
+    fire_time: AwareDatetime

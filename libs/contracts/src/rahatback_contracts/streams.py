@@ -36,6 +36,8 @@ AGENT_COMMANDS = StreamSpec(
     retention="workqueue",
     # a command nobody picked up within a day is stale; the API's watchdog has failed its run long before
     max_age_seconds=1 * DAY,
+    # the outbox may re-publish a command after a long DB outage: it must still be deduplicated
+    duplicate_window_seconds=1 * DAY,
     description="API → agent durable commands; each agent pulls from its own durable consumer",
 )
 
@@ -91,7 +93,9 @@ class ConsumerSpec:
     max_deliver: int = 20
 
 
-API_REPORTS_CONSUMER = ConsumerSpec(stream=AGENT_REPORTS.name, durable="api-reports")
+# never give up on a report (malformed ones are terminated explicitly): during a database outage
+# the API keeps redelivering with a growing delay instead of dropping a finished backup's result
+API_REPORTS_CONSUMER = ConsumerSpec(stream=AGENT_REPORTS.name, durable="api-reports", max_deliver=-1)
 API_CONTROL_CONSUMER = ConsumerSpec(stream=CONTROL.name, durable="api-control")
 
 

@@ -41,7 +41,8 @@ from .storages.registry import SUPPORTED_KINDS, get_storage
 
 log = structlog.get_logger("rahatback_agent.jobs")
 
-DB_TEST_TIMEOUT_SECONDS = 30.0
+# below the API's wait for the reply (20 s), so the user sees this cause rather than a timeout
+DB_TEST_TIMEOUT_SECONDS = 15.0
 STORAGE_TEST_TIMEOUT_SECONDS = 60.0
 
 

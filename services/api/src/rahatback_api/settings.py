@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     var_dir: Path = Path("var")
     nats_url: str = "nats://127.0.0.1:4222"
     public_url: str = "http://127.0.0.1:8000"
-    agent_stall_seconds: int = 300
+    # a running run that its heartbeating agent no longer lists (or that never progresses) fails after this
+    agent_stall_seconds: int = 120
     agent_offline_seconds: int = 30
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"

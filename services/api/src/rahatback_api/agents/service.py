@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
@@ -47,8 +48,16 @@ async def consume_enrollment_token(session: AsyncSession, token: str) -> Enrollm
         raise AppError("this enrollment token was already used; create a new one", 410)
     if row.expires_at <= now:
         raise AppError("this enrollment token has expired; create a new one", 410)
+    # conditional on still being unused: on SQLite `FOR UPDATE` is a no-op, this is what makes it one-time
+    claimed = await session.execute(
+        update(EnrollmentToken)
+        .where(col(EnrollmentToken.id) == row.id, col(EnrollmentToken.used_at).is_(None))
+        .values(used_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        raise AppError("this enrollment token was already used; create a new one", 410)
     row.used_at = now
-    await session.flush()
     return row
 
 

@@ -125,7 +125,17 @@ class BackupRun(SQLModel, table=True):
 
 class RestoreRun(SQLModel, table=True):
     __tablename__ = "restore_runs"
-    __table_args__ = (Index("ix_restore_runs_org_queued", "org_id", "queued_at"),)
+    __table_args__ = (
+        Index("ix_restore_runs_org_queued", "org_id", "queued_at"),
+        # two restores into one database at once would interleave: at most one queued/running
+        Index(
+            "uq_restore_runs_active_database",
+            "database_id",
+            unique=True,
+            sqlite_where=text("status IN ('queued', 'running')"),
+            postgresql_where=text("status IN ('queued', 'running')"),
+        ),
+    )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=ID_LENGTH)
     org_id: str = Field(foreign_key="organizations.id", max_length=ID_LENGTH)

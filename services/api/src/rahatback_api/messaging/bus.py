@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import nats
 import structlog
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
+from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
@@ -25,7 +26,15 @@ class NatsUnreachable(RuntimeError):
 
 
 class AgentOffline(Exception):
-    """No agent answered a request: NATS said "no responders" (or it timed out)."""
+    """No agent answered a request: NATS said "no responders"."""
+
+
+class AgentTimeout(Exception):
+    """The agent is there but did not answer in time."""
+
+
+class BusUnavailable(Exception):
+    """The API's own NATS connection is down."""
 
 
 def _stream_config(spec: streams.StreamSpec) -> StreamConfig:
@@ -55,6 +64,8 @@ def _consumer_config(spec: streams.ConsumerSpec) -> ConsumerConfig:
 class Bus:
     nc: Client
     js: JetStreamContext
+    # loop time of the last (re)connection: presence heard over a broken connection means nothing
+    connected_since: float = field(default_factory=time.monotonic)
 
     @classmethod
     async def connect(cls, url: str, name: str = "rahatback-api", first_connect_seconds: float = 30) -> Bus:
@@ -68,6 +79,7 @@ class Bus:
 
         async def on_reconnect() -> None:
             log.info("nats.reconnected")
+            bus.connected_since = time.monotonic()
 
         try:
             nc = await asyncio.wait_for(
@@ -116,7 +128,9 @@ class Bus:
         except NoRespondersError as exc:
             raise AgentOffline("the agent is offline (no responder on NATS)") from exc
         except NatsTimeoutError as exc:
-            raise AgentOffline(f"the agent did not answer within {timeout:.0f} s") from exc
+            raise AgentTimeout(f"the agent did not answer within {timeout:.0f} s") from exc
+        except (ConnectionClosedError, OutboundBufferLimitError) as exc:
+            raise BusUnavailable("the API is not connected to NATS right now; retry in a moment") from exc
         return reply.data
 
     async def publish_durable(self, subject: str, payload: bytes, msg_id: str, attempts: int = 5) -> None:
@@ -139,3 +153,7 @@ class Bus:
     @property
     def connected(self) -> bool:
         return bool(self.nc.is_connected)
+
+    def connected_for(self) -> float:
+        """Seconds this connection has been up without interruption (0 while disconnected)."""
+        return time.monotonic() - self.connected_since if self.connected else 0.0

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from rahatback_api.agents.service import consume_enrollment_token
+from rahatback_api.agents.service import consume_enrollment_token, get_usable_agent
 from rahatback_api.auth.deps import CurrentPrincipal, OperatorPrincipal
 from rahatback_api.backups.models import BackupRunPublic, RestoreRunPublic
 from rahatback_api.backups.service import get_job, get_run, restore_public, run_public
@@ -105,6 +105,8 @@ async def test_unsaved_connection(
 ) -> m.DbTestReply:
     """Test credentials before saving them. A failed login is `ok: false` with the cause; 409 = no agent."""
     public, secrets = ENGINES[body.engine].split(body.settings)
+    if body.agent_id is not None:
+        await get_usable_agent(session, principal.org_id, body.agent_id, "agent_id")
     agent = await service.choose_agent(session, principal.org_id, body.agent_id, _offline_after(settings))
 
     def target(info: str) -> m.DatabaseTarget:

@@ -20,7 +20,7 @@ from rahatback_api.agents.service import is_online as _is_online
 from rahatback_api.backups.service import load_backup_key
 from rahatback_api.databases.service import database_target_parts
 from rahatback_api.errors import AppError, Conflict
-from rahatback_api.messaging.bus import AgentOffline, Bus
+from rahatback_api.messaging.bus import AgentOffline, AgentTimeout, Bus, BusUnavailable
 from rahatback_api.messaging.outbox import enqueue
 from rahatback_api.messaging.sealing import seal_for_agent
 from rahatback_api.models import Agent, BackupJob, BackupRun, Database, ProcessedMessage, RestoreRun, Storage
@@ -28,6 +28,7 @@ from rahatback_api.security.secretbox import SecretBox
 from rahatback_api.storages.service import storage_target_parts
 from rahatback_contracts import messages as m
 from rahatback_contracts import subjects
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
@@ -135,6 +136,10 @@ async def test_connection(
         )
     except AgentOffline as exc:
         raise Conflict(f"agent {agent.name!r} is offline: {exc}") from exc
+    except AgentTimeout as exc:
+        raise AppError(f"agent {agent.name!r}: {exc}", 504) from exc
+    except BusUnavailable as exc:
+        raise AppError(str(exc), 503) from exc
     reply = m.DbTestReply.model_validate_json(data)
     log.info(
         "db.test",
@@ -275,8 +280,17 @@ async def start_restore(
     storage = await session.get(Storage, run.storage_id)
     if storage is None:
         raise Conflict("the storage holding this backup no longer exists")
-    # local storage lives on the host of the agent that wrote the backup
     preferred = target.agent_id or run.agent_id
+    if storage.kind == "local":
+        # the artifact sits in a folder on the host of the agent that wrote it
+        preferred = storage.agent_id or run.agent_id
+        if target.agent_id is not None and target.agent_id != preferred:
+            raise AppError(
+                "this backup is in a local folder on another agent's host than the target database's agent;"
+                " restore into a database that agent can reach",
+                422,
+                field="database_id",
+            )
     agent = await choose_agent(session, run.org_id, preferred, offline_after)
 
     restore = RestoreRun(
@@ -365,7 +379,7 @@ async def apply_report(session: AsyncSession, agent_id: str, msg_id: str, report
 
 
 async def _owned_run(session: AsyncSession, agent_id: str, run_id: str) -> BackupRun:
-    run = await session.get(BackupRun, run_id)
+    run = await session.get(BackupRun, run_id, with_for_update=True)
     if run is None or run.agent_id != agent_id:
         raise UntrustedReport(f"agent {agent_id} reported on run {run_id} it was not given")
     return run
@@ -385,8 +399,9 @@ async def _apply_backup_report(
         run.agent_version = report.agent_version
         event_type = "backup.started"
     elif isinstance(report, m.BackupCompleted):
-        if run.status not in ACTIVE:
-            log.warning("report.late_completion_ignored", run_id=run.id, status=run.status)
+        # An agent sends one terminal report per run, so a completion for a failed run means our
+        # watchdog gave up too early (e.g. a NATS outage): the artifact exists, the agent is right.
+        if run.status not in (*ACTIVE, "failed"):
             return False
         run.status, run.stage = "completed", None
         run.started_at = run.started_at or report.started_at
@@ -414,7 +429,7 @@ async def _apply_backup_report(
 async def _apply_restore_report(
     session: AsyncSession, agent_id: str, report: m.RestoreStarted | m.RestoreCompleted | m.RestoreFailed
 ) -> bool:
-    restore = await session.get(RestoreRun, report.restore_id)
+    restore = await session.get(RestoreRun, report.restore_id, with_for_update=True)
     if restore is None or restore.agent_id != agent_id:
         raise UntrustedReport(f"agent {agent_id} reported on restore {report.restore_id} it was not given")
     if isinstance(report, m.RestoreStarted):
@@ -425,13 +440,14 @@ async def _apply_restore_report(
         restore.last_progress_at = now()
         event_type = "restore.started"
     elif isinstance(report, m.RestoreCompleted):
-        if restore.status not in ACTIVE:
+        if restore.status not in (*ACTIVE, "failed"):  # see the backup case
             return False
         restore.status = "completed"
         restore.started_at = restore.started_at or report.started_at
         restore.finished_at = report.finished_at
         restore.duration_ms = _duration_ms(report.started_at, report.finished_at)
         restore.bytes_restored = report.bytes_restored
+        restore.error = None
         event_type = "restore.completed"
     else:
         if restore.status not in ACTIVE:
@@ -517,13 +533,25 @@ async def record_heartbeat(
     agent = await session.get(Agent, agent_id)
     if agent is None or agent.revoked_at is not None:
         return
-    was_online = is_online(agent, offline_after)
+    was_online, previously_seen = is_online(agent, offline_after), agent.last_seen_at
     agent.last_seen_at = now()
     agent.version = heartbeat.version
     agent.engines = list(heartbeat.engines)
     agent.storages = list(heartbeat.storages)
     if not was_online:
-        _enqueue_presence(session, agent, online=True, since=agent.last_seen_at)
+        _enqueue_presence(session, agent, online=True, since=previously_seen or agent.last_seen_at)
+    # A run the agent lists is alive even when no bytes move (psql building an index, pg_dump
+    # waiting for a lock); only a run the agent no longer knows about goes stale.
+    for model in (BackupRun, RestoreRun):
+        await session.execute(
+            update(model)
+            .where(
+                col(model.id).in_(heartbeat.running),
+                col(model.agent_id) == agent_id,
+                col(model.status) == "running",
+            )
+            .values(last_progress_at=agent.last_seen_at)
+        )
 
 
 def _enqueue_presence(session: AsyncSession, agent: Agent, *, online: bool, since: datetime) -> None:
@@ -588,8 +616,15 @@ async def sweep_stalled(
     agents = {a.id: a for a in (await session.execute(select(Agent))).scalars().all()}
     limits = {"stall_after": stall_after, "offline_after": offline_after, "command_ttl": command_ttl}
     failed = 0
+    # skip_locked: a run whose report is being applied right now is judged at the next sweep
     backups = (
-        (await session.execute(select(BackupRun).where(col(BackupRun.status).in_(ACTIVE)))).scalars().all()
+        (
+            await session.execute(
+                select(BackupRun).where(col(BackupRun.status).in_(ACTIVE)).with_for_update(skip_locked=True)
+            )
+        )
+        .scalars()
+        .all()
     )
     for run in backups:
         reason = _stall_reason(run, agents.get(run.agent_id or ""), moment, **limits)
@@ -603,7 +638,13 @@ async def sweep_stalled(
         await enqueue_backup_event(session, run, "backup.failed")
         log.warning("watchdog.failed_run", run_id=run.id, reason=reason)
     restores = (
-        (await session.execute(select(RestoreRun).where(col(RestoreRun.status).in_(ACTIVE)))).scalars().all()
+        (
+            await session.execute(
+                select(RestoreRun).where(col(RestoreRun.status).in_(ACTIVE)).with_for_update(skip_locked=True)
+            )
+        )
+        .scalars()
+        .all()
     )
     for restore in restores:
         reason = _stall_reason(restore, agents.get(restore.agent_id or ""), moment, **limits)

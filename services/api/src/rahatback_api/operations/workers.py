@@ -93,8 +93,9 @@ class Workers:
             await msg.term()
             return
         except Exception:
+            # e.g. the database is down: retry later, backing off, never drop the report
             log.exception("report.failed", subject=msg.subject)
-            await msg.nak(delay=2)
+            await msg.nak(delay=min(2.0 * msg.metadata.num_delivered, 30.0))
             return
         await msg.ack()
         if changed:
@@ -140,10 +141,12 @@ class Workers:
     # ---------------------------------------------------------------------------- watchdog
 
     async def _watchdog(self) -> None:
-        # Right after a start we have heard no heartbeat yet: judging agents before a full offline
-        # window has passed would fail healthy runs whose agents are simply not heard from yet.
-        await asyncio.sleep(self.offline_after.total_seconds())
         while True:
+            await asyncio.sleep(service.SWEEP_INTERVAL.total_seconds())
+            # After a start or a NATS outage we have not heard heartbeats for a while through no
+            # fault of the agents: judge them only once a full offline window has been heard.
+            if self.bus.connected_for() < self.offline_after.total_seconds():
+                continue
             async with self.sessions() as session:
                 failed = await service.sweep_stalled(
                     session, stall_after=self.stall_after, offline_after=self.offline_after
@@ -153,7 +156,6 @@ class Workers:
                 self.relay.kick()
             if len(self._progress_written) > 10_000:  # finished runs' entries are never needed again
                 self._progress_written.clear()
-            await asyncio.sleep(service.SWEEP_INTERVAL.total_seconds())
 
 
 async def _forever(name: str, loop: Callable[[], Awaitable[None]]) -> None:

@@ -250,6 +250,13 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_restore_runs_backup_run_id"), ["backup_run_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_restore_runs_database_id"), ["database_id"], unique=False)
         batch_op.create_index("ix_restore_runs_org_queued", ["org_id", "queued_at"], unique=False)
+        batch_op.create_index(
+            "uq_restore_runs_active_database",
+            ["database_id"],
+            unique=True,
+            sqlite_where=sa.text("status IN ('queued', 'running')"),
+            postgresql_where=sa.text("status IN ('queued', 'running')"),
+        )
 
     op.create_table(
         "storages",
