@@ -135,8 +135,8 @@ class PostgreSQLEngine:
     def __init__(self, restrict_key_seed: bytes | None = None) -> None:
         # The \restrict key guards a psql restore against meta-commands smuggled into the dump by a
         # hostile source server, so it must not be guessable from the server's side. A keyed hash of
-        # the database name keeps dumps from this seed byte-identical for identical data; the agent
-        # passes a seed from its own identity, otherwise one is drawn per process.
+        # the database name keeps dumps from this seed byte-identical for identical data; without a
+        # seed one is drawn per process (the registry's default).
         self._restrict_key_seed = restrict_key_seed or os.urandom(32)
 
     def _restrict_key(self, database: str) -> str:

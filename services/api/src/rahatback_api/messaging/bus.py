@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -116,11 +115,6 @@ class Bus:
 
     async def ensure_agent_consumer(self, agent_id: str) -> None:
         await self.ensure_consumer(streams.agent_commands_consumer(agent_id))
-
-    async def remove_agent_consumer(self, agent_id: str) -> None:
-        durable = streams.agent_commands_consumer(agent_id).durable
-        with contextlib.suppress(NotFoundError):
-            await self.js.delete_consumer(streams.AGENT_COMMANDS.name, durable)
 
     async def request(self, subject: str, message: Message, timeout: float) -> bytes:  # noqa: ASYNC109 - passed to NATS
         try:

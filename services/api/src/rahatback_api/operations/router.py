@@ -14,6 +14,7 @@ from rahatback_api.agents.service import consume_enrollment_token, get_usable_ag
 from rahatback_api.auth.deps import CurrentPrincipal, OperatorPrincipal
 from rahatback_api.backups.models import BackupRunPublic, RestoreRunPublic
 from rahatback_api.backups.service import get_job, get_run, restore_public, run_public
+from rahatback_api.columns import new_id
 from rahatback_api.databases.engines import ENGINES, EngineName
 from rahatback_api.databases.service import get_database
 from rahatback_api.db import SessionDep
@@ -70,7 +71,7 @@ async def enroll(
     enrollment = await consume_enrollment_token(session, body.token)
     service.check_public_key(body.x25519_public_key)
     agent = Agent(
-        id=service.new_id(),
+        id=new_id(),
         org_id=enrollment.org_id,
         name=body.name,
         hostname=body.hostname,

@@ -9,15 +9,16 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from rahatback_api.agents.service import is_online as _is_online
+from rahatback_api.backups.models import ACTIVE_RUN_STATUSES
 from rahatback_api.backups.service import load_backup_key
+from rahatback_api.columns import new_id, utcnow
 from rahatback_api.databases.service import database_target_parts
 from rahatback_api.errors import AppError, Conflict
 from rahatback_api.messaging.bus import AgentOffline, AgentTimeout, Bus, BusUnavailable
@@ -37,15 +38,10 @@ log = structlog.get_logger(__name__)
 COMMAND_TTL = timedelta(hours=6)
 SWEEP_INTERVAL = timedelta(seconds=10)
 RPC_TIMEOUT_SECONDS = 20.0
-ACTIVE = ("queued", "running")
+ACTIVE = ACTIVE_RUN_STATUSES
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
+now = utcnow
 
 
 # ------------------------------------------------------------------------------------------ agents

@@ -14,13 +14,13 @@ from datetime import timedelta
 import structlog
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
+from rahatback_api.db import session_scope
 from rahatback_api.messaging.bus import Bus
 from rahatback_api.messaging.live import LiveHub
 from rahatback_api.messaging.outbox import OutboxRelay
 from rahatback_contracts import messages as m
 from rahatback_contracts import streams, subjects
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from . import service
 
@@ -85,9 +85,8 @@ class Workers:
         msg_id = (msg.headers or {}).get("Nats-Msg-Id") or f"seq:{msg.metadata.sequence.stream}"
         try:
             agent_id, kind, report = service.parse_report(msg.subject, msg.data)
-            async with self.sessions() as session:
+            async with session_scope(self.sessions) as session:
                 changed = await service.apply_report(session, agent_id, msg_id, report)
-                await session.commit()
         except (service.UntrustedReport, ValueError) as exc:
             log.warning("report.rejected", subject=msg.subject, reason=str(exc))
             await msg.term()
@@ -108,9 +107,8 @@ class Workers:
         try:
             agent_id = subjects.agent_id_of(msg.subject)
             heartbeat = m.Heartbeat.model_validate_json(msg.data)
-            async with self.sessions() as session:
+            async with session_scope(self.sessions) as session:
                 await service.record_heartbeat(session, heartbeat, agent_id, self.offline_after)
-                await session.commit()
         except Exception:
             log.exception("heartbeat.failed", subject=msg.subject)
             return
@@ -132,9 +130,8 @@ class Workers:
             return
         self._progress_written[progress.run_id] = loop_time
         try:
-            async with self.sessions() as session:
+            async with session_scope(self.sessions) as session:
                 await service.record_progress(session, progress, agent_id)
-                await session.commit()
         except Exception:
             log.exception("progress.failed", run_id=progress.run_id)
 
@@ -147,11 +144,10 @@ class Workers:
             # fault of the agents: judge them only once a full offline window has been heard.
             if self.bus.connected_for() < self.offline_after.total_seconds():
                 continue
-            async with self.sessions() as session:
+            async with session_scope(self.sessions) as session:
                 failed = await service.sweep_stalled(
                     session, stall_after=self.stall_after, offline_after=self.offline_after
                 )
-                await session.commit()
             if failed:
                 self.relay.kick()
             if len(self._progress_written) > 10_000:  # finished runs' entries are never needed again
