@@ -212,3 +212,98 @@ async def test_watchdog_fails_runs_of_silent_agents_and_stalled_runs(
         )
     r = await client.get(f"/v1/backups/history/{stalled['id']}", headers=tenant.headers)
     assert r.json()["status"] == "failed" and "no progress" in r.json()["error"]
+
+
+async def test_a_late_agent_result_overrides_a_watchdog_failure(
+    client: httpx.AsyncClient, tenant: Tenant, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
+    agent = await add_agent(tenant)
+    run = await run_now(client, tenant)
+    async with session_scope(sessionmaker) as session:
+        stored = await session.get(BackupRun, run["id"])
+        assert stored is not None
+        service.fail_run(stored, "agent 'x' stopped heartbeating for more than 30 s")
+    subject = subjects.agent_report(agent.id, "backup", "completed")
+    assert (
+        await apply(sessionmaker, subject, completed(agent.id, run["id"]), f"{run['id']}:completed") is True
+    )
+    body = (await client.get(f"/v1/backups/history/{run['id']}", headers=tenant.headers)).json()
+    assert body["status"] == "completed" and body["error"] is None and body["storage_key"]
+
+
+async def test_heartbeats_keep_listed_runs_alive_and_unlisted_ones_go_stale(
+    client: httpx.AsyncClient, tenant: Tenant, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
+    agent = await add_agent(tenant)
+    listed = await run_now(client, tenant, name="listed")
+    forgotten = await run_now(client, tenant, name="forgotten")
+    long_ago = utcnow() - timedelta(minutes=10)
+    async with session_scope(sessionmaker) as session:
+        for run_id in (listed["id"], forgotten["id"]):
+            run = await session.get(BackupRun, run_id)
+            assert run is not None
+            run.status, run.last_progress_at = "running", long_ago
+    heartbeat = m.Heartbeat(agent_id=agent.id, version="0.1.0", running=[listed["id"]], at=utcnow())
+    async with session_scope(sessionmaker) as session:
+        await service.record_heartbeat(session, heartbeat, agent.id, OFFLINE)
+    async with session_scope(sessionmaker) as session:
+        assert (
+            await service.sweep_stalled(session, stall_after=timedelta(minutes=2), offline_after=OFFLINE) == 1
+        )
+    statuses = {
+        run_id: (await client.get(f"/v1/backups/history/{run_id}", headers=tenant.headers)).json()["status"]
+        for run_id in (listed["id"], forgotten["id"])
+    }
+    assert statuses == {listed["id"]: "running", forgotten["id"]: "failed"}
+
+
+async def test_restore_reports_update_the_restore_and_its_backup(
+    client: httpx.AsyncClient, tenant: Tenant, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
+    agent = await add_agent(tenant)
+    run = await run_now(client, tenant)
+    await apply(
+        sessionmaker,
+        subjects.agent_report(agent.id, "backup", "completed"),
+        completed(agent.id, run["id"]),
+        "done",
+    )
+    # no body: restore into the database that was backed up
+    r = await client.post(f"/v1/backups/history/{run['id']}/restore", headers=tenant.headers)
+    assert r.status_code == 202, r.text
+    restore = r.json()
+    assert restore["database_id"] == run["database_id"] and restore["status"] == "queued"
+    busy = await client.post(f"/v1/backups/history/{run['id']}/restore", headers=tenant.headers)
+    assert busy.status_code == 409
+
+    now = utcnow()
+    started = m.RestoreStarted(agent_id=agent.id, occurred_at=now, restore_id=restore["id"])
+    failed = m.RestoreFailed(
+        agent_id=agent.id,
+        occurred_at=now,
+        restore_id=restore["id"],
+        stage="restoring",
+        error="artifact chunk 3 failed authentication",
+    )
+    intruder = await add_agent(tenant)
+    with pytest.raises(service.UntrustedReport):
+        await apply(
+            sessionmaker,
+            subjects.agent_report(intruder.id, "restore", "failed"),
+            m.RestoreFailed(**{**failed.model_dump(), "agent_id": intruder.id}),
+            "i",
+        )
+    assert (
+        await apply(sessionmaker, subjects.agent_report(agent.id, "restore", "started"), started, "s") is True
+    )
+    assert (
+        await apply(sessionmaker, subjects.agent_report(agent.id, "restore", "failed"), failed, "f") is True
+    )
+    assert (
+        await apply(sessionmaker, subjects.agent_report(agent.id, "restore", "failed"), failed, "f") is False
+    )
+
+    body = (await client.get(f"/v1/backups/restores/{restore['id']}", headers=tenant.headers)).json()
+    assert body["status"] == "failed" and "authentication" in body["error"]
+    backup = (await client.get(f"/v1/backups/history/{run['id']}", headers=tenant.headers)).json()
+    assert backup["last_restore_status"] == "failed"
