@@ -38,10 +38,6 @@ log = structlog.get_logger(__name__)
 COMMAND_TTL = timedelta(hours=6)
 SWEEP_INTERVAL = timedelta(seconds=10)
 RPC_TIMEOUT_SECONDS = 20.0
-ACTIVE = ACTIVE_RUN_STATUSES
-
-
-now = utcnow
 
 
 # ------------------------------------------------------------------------------------------ agents
@@ -163,7 +159,7 @@ def storage_target(box: SecretBox, storage: Storage, agent: Agent, info: str) ->
 
 
 def _command_envelope(org_id: str) -> dict[str, Any]:
-    issued = now()
+    issued = utcnow()
     return {"command_id": new_id(), "org_id": org_id, "issued_at": issued, "expires_at": issued + COMMAND_TTL}
 
 
@@ -187,7 +183,9 @@ async def start_backup(
     active = (
         (
             await session.execute(
-                select(BackupRun.id).where(BackupRun.job_id == job.id, col(BackupRun.status).in_(ACTIVE))
+                select(BackupRun.id).where(
+                    BackupRun.job_id == job.id, col(BackupRun.status).in_(ACTIVE_RUN_STATUSES)
+                )
             )
         )
         .scalars()
@@ -210,7 +208,7 @@ async def start_backup(
         agent_id=agent.id,
         trigger=trigger,
         status="queued",
-        queued_at=now(),
+        queued_at=utcnow(),
         compression=job.compression,
         encrypted=job.encryption_enabled,
         key_id=job.key_id if job.encryption_enabled else None,
@@ -264,7 +262,7 @@ async def start_restore(
         (
             await session.execute(
                 select(RestoreRun.id).where(
-                    RestoreRun.database_id == target.id, col(RestoreRun.status).in_(ACTIVE)
+                    RestoreRun.database_id == target.id, col(RestoreRun.status).in_(ACTIVE_RUN_STATUSES)
                 )
             )
         )
@@ -296,7 +294,7 @@ async def start_restore(
         database_id=target.id,
         agent_id=agent.id,
         status="queued",
-        queued_at=now(),
+        queued_at=utcnow(),
     )
     session.add(restore)
     run.last_restore_status = "queued"
@@ -363,7 +361,7 @@ async def apply_report(session: AsyncSession, agent_id: str, msg_id: str, report
     key = f"{agent_id}:{msg_id}"
     if await session.get(ProcessedMessage, key) is not None:
         return False
-    session.add(ProcessedMessage(msg_id=key, processed_at=now()))
+    session.add(ProcessedMessage(msg_id=key, processed_at=utcnow()))
     if isinstance(report, m.BackupStarted | m.BackupCompleted | m.BackupFailed):
         changed = await _apply_backup_report(session, agent_id, report)
     elif isinstance(report, m.RestoreStarted | m.RestoreCompleted | m.RestoreFailed):
@@ -391,13 +389,13 @@ async def _apply_backup_report(
             return False
         run.status, run.stage = "running", "dumping"
         run.started_at = report.occurred_at
-        run.last_progress_at = now()
+        run.last_progress_at = utcnow()
         run.agent_version = report.agent_version
         event_type = "backup.started"
     elif isinstance(report, m.BackupCompleted):
         # An agent sends one terminal report per run, so a completion for a failed run means our
         # watchdog gave up too early (e.g. a NATS outage): the artifact exists, the agent is right.
-        if run.status not in (*ACTIVE, "failed"):
+        if run.status not in (*ACTIVE_RUN_STATUSES, "failed"):
             return False
         run.status, run.stage = "completed", None
         run.started_at = run.started_at or report.started_at
@@ -412,7 +410,7 @@ async def _apply_backup_report(
         run.error = None
         event_type = "backup.completed"
     else:
-        if run.status not in ACTIVE:
+        if run.status not in ACTIVE_RUN_STATUSES:
             return False
         fail_run(run, report.error, at=report.occurred_at)
         event_type = "backup.failed"
@@ -433,10 +431,10 @@ async def _apply_restore_report(
             return False
         restore.status = "running"
         restore.started_at = report.occurred_at
-        restore.last_progress_at = now()
+        restore.last_progress_at = utcnow()
         event_type = "restore.started"
     elif isinstance(report, m.RestoreCompleted):
-        if restore.status not in (*ACTIVE, "failed"):  # see the backup case
+        if restore.status not in (*ACTIVE_RUN_STATUSES, "failed"):  # see the backup case
             return False
         restore.status = "completed"
         restore.started_at = restore.started_at or report.started_at
@@ -446,14 +444,14 @@ async def _apply_restore_report(
         restore.error = None
         event_type = "restore.completed"
     else:
-        if restore.status not in ACTIVE:
+        if restore.status not in ACTIVE_RUN_STATUSES:
             return False
         fail_restore(restore, report.error, at=report.occurred_at)
         event_type = "restore.failed"
     backup = await session.get(BackupRun, restore.backup_run_id)
     if backup is not None:
         backup.last_restore_status = restore.status
-        backup.last_restore_at = now()
+        backup.last_restore_at = utcnow()
     await enqueue_restore_event(session, restore, event_type)
     return True
 
@@ -467,14 +465,14 @@ def _duration_ms(start: datetime | None, end: datetime | None) -> int | None:
 def fail_run(run: BackupRun, error: str, at: datetime | None = None) -> None:
     run.status = "failed"
     run.error = error
-    run.finished_at = at or now()
+    run.finished_at = at or utcnow()
     run.duration_ms = _duration_ms(run.started_at, run.finished_at)
 
 
 def fail_restore(restore: RestoreRun, error: str, at: datetime | None = None) -> None:
     restore.status = "failed"
     restore.error = error
-    restore.finished_at = at or now()
+    restore.finished_at = at or utcnow()
     restore.duration_ms = _duration_ms(restore.started_at, restore.finished_at)
 
 
@@ -485,7 +483,7 @@ async def enqueue_backup_event(session: AsyncSession, run: BackupRun, event_type
         event_id=new_id(),
         type=event_type,
         org_id=run.org_id,
-        occurred_at=now(),
+        occurred_at=utcnow(),
         run_id=run.id,
         job_id=run.job_id,
         job_name=job.name if job else "(deleted job)",
@@ -508,7 +506,7 @@ async def enqueue_restore_event(session: AsyncSession, restore: RestoreRun, even
         event_id=new_id(),
         type=event_type,
         org_id=restore.org_id,
-        occurred_at=now(),
+        occurred_at=utcnow(),
         restore_id=restore.id,
         backup_run_id=restore.backup_run_id,
         database_id=restore.database_id,
@@ -530,7 +528,7 @@ async def record_heartbeat(
     if agent is None or agent.revoked_at is not None:
         return
     was_online, previously_seen = is_online(agent, offline_after), agent.last_seen_at
-    agent.last_seen_at = now()
+    agent.last_seen_at = utcnow()
     agent.version = heartbeat.version
     agent.engines = list(heartbeat.engines)
     agent.storages = list(heartbeat.storages)
@@ -556,7 +554,7 @@ def _enqueue_presence(session: AsyncSession, agent: Agent, *, online: bool, sinc
         event_id=new_id(),
         type=event_type,
         org_id=agent.org_id,
-        occurred_at=now(),
+        occurred_at=utcnow(),
         agent_id=agent.id,
         agent_name=agent.name,
         online=online,
@@ -570,9 +568,9 @@ async def record_progress(session: AsyncSession, progress: m.Progress, agent_id:
         row = await session.get(BackupRun, progress.run_id)
     else:
         row = await session.get(RestoreRun, progress.run_id)
-    if row is None or row.agent_id != agent_id or row.status not in ACTIVE:
+    if row is None or row.agent_id != agent_id or row.status not in ACTIVE_RUN_STATUSES:
         return
-    row.last_progress_at = now()
+    row.last_progress_at = utcnow()
     if isinstance(row, BackupRun):
         row.stage = progress.stage
         row.bytes_done = progress.bytes_in
@@ -608,7 +606,7 @@ async def sweep_stalled(
     command_ttl: timedelta = COMMAND_TTL,
 ) -> int:
     """Fail runs that can no longer finish, so no run stays `running` forever. Returns how many."""
-    moment = now()
+    moment = utcnow()
     agents = {a.id: a for a in (await session.execute(select(Agent))).scalars().all()}
     limits = {"stall_after": stall_after, "offline_after": offline_after, "command_ttl": command_ttl}
     failed = 0
@@ -616,7 +614,9 @@ async def sweep_stalled(
     backups = (
         (
             await session.execute(
-                select(BackupRun).where(col(BackupRun.status).in_(ACTIVE)).with_for_update(skip_locked=True)
+                select(BackupRun)
+                .where(col(BackupRun.status).in_(ACTIVE_RUN_STATUSES))
+                .with_for_update(skip_locked=True)
             )
         )
         .scalars()
@@ -636,7 +636,9 @@ async def sweep_stalled(
     restores = (
         (
             await session.execute(
-                select(RestoreRun).where(col(RestoreRun.status).in_(ACTIVE)).with_for_update(skip_locked=True)
+                select(RestoreRun)
+                .where(col(RestoreRun.status).in_(ACTIVE_RUN_STATUSES))
+                .with_for_update(skip_locked=True)
             )
         )
         .scalars()
