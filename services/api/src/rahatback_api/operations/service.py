@@ -658,12 +658,13 @@ async def sweep_stalled(
 
     for agent in agents.values():
         seen = agent.last_seen_at
-        # announce going offline once: in the sweep right after the limit passed; the msg id is
-        # derived from the last heartbeat so replicas sweeping together publish one event
+        # Announce going offline in the first sweeps after the limit passed (a few, in case one is
+        # late); the msg id derives from the last heartbeat, so JetStream keeps exactly one event
+        # however many sweeps or API replicas announce it.
         if (
             agent.revoked_at is None
             and seen is not None
-            and (offline_after < moment - seen <= offline_after + SWEEP_INTERVAL)
+            and (offline_after < moment - seen <= offline_after + 3 * SWEEP_INTERVAL)
         ):
             _enqueue_presence(session, agent, online=False, since=seen)
     return failed
