@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hashlib
 import os
+import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -22,6 +23,11 @@ from typing import Literal, TypeVar
 
 import zstandard
 from pydantic import BaseModel, ConfigDict
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
 
 from rahatback_agent.artifact import (
     DEFAULT_CHUNK_SIZE,
@@ -50,10 +56,9 @@ ProgressCallback = Callable[[int, int], None]
 BLOCK_SIZE = 1 << 20
 QUEUE_DEPTH = 2
 PROGRESS_INTERVAL = 0.25
-# Decompressing in small slices keeps one step's output bounded for highly compressible dumps
-# (pgbench's blank-padded rows compress ~100:1; one 1 MiB block would expand to 100 MiB at once).
-DECOMPRESS_SLICE = 4 << 10
-GZIP_MAX_OUTPUT = 1 << 20
+# Most dump bytes one decompression step may produce: restore memory stays bounded even for
+# dumps that compress 1000:1 (pgbench's blank-padded rows) or a run of zeros that compresses 30000:1.
+MAX_PIECE = 1 << 20
 ZSTD_MAX_THREADS = 4
 ZSTD_JOB_SIZE = 2 << 20
 
@@ -175,28 +180,27 @@ class _Decompressor:
 
 class _ZstdDecompressor(_Decompressor):
     def __init__(self) -> None:
-        self._dctx = zstandard.ZstdDecompressor()
-        self._obj = self._dctx.decompressobj()
+        self._obj = zstd.ZstdDecompressor()
         self._in_frame = False
 
     def decompress(self, data: bytes) -> Iterator[bytes]:
-        view = memoryview(data)
-        for start in range(0, len(view), DECOMPRESS_SLICE):
-            pending = bytes(view[start : start + DECOMPRESS_SLICE])
-            while pending:
-                self._in_frame = True
-                try:
-                    piece = self._obj.decompress(pending)
-                except zstandard.ZstdError as exc:
-                    raise ArtifactError(f"compressed data is corrupt (zstd: {exc})") from exc
-                if piece:
-                    yield piece
-                pending = b""
-                if self._obj.eof:
-                    # Concatenated frames are valid zstd; continue with a fresh frame decoder.
-                    pending = self._obj.unused_data
-                    self._obj = self._dctx.decompressobj()
-                    self._in_frame = False
+        while True:
+            if self._obj.eof:
+                # Concatenated frames are valid zstd; continue with a fresh frame decoder.
+                data = self._obj.unused_data + data
+                self._obj = zstd.ZstdDecompressor()
+                self._in_frame = False
+            if not data and self._obj.needs_input:
+                return
+            self._in_frame = True
+            try:
+                # max_length: a 4 KiB run of zeros may stand for gigabytes; hand them out a MiB at a time
+                piece = self._obj.decompress(data, MAX_PIECE)
+            except zstd.ZstdError as exc:
+                raise ArtifactError(f"compressed data is corrupt (zstd: {exc})") from exc
+            data = b""
+            if piece:
+                yield piece
 
     def finish(self) -> None:
         if self._in_frame:
@@ -213,7 +217,7 @@ class _GzipDecompressor(_Decompressor):
         while pending:
             self._in_member = True
             try:
-                piece = self._obj.decompress(pending, GZIP_MAX_OUTPUT)
+                piece = self._obj.decompress(pending, MAX_PIECE)
             except zlib.error as exc:
                 raise ArtifactError(f"compressed data is corrupt (gzip: {exc})") from exc
             if piece:
