@@ -10,7 +10,7 @@ import asyncio
 import re
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -56,7 +56,6 @@ class ProgressState:
     stage: Stage = "queued"
     bytes_in: int = 0
     bytes_out: int = 0
-    started_monotonic: float = field(default_factory=time.monotonic)
 
     def update(self, bytes_in: int, bytes_out: int) -> None:
         self.bytes_in = bytes_in
@@ -303,19 +302,15 @@ async def run_restore(
             storage = get_storage(cmd.storage, storage_secrets)
             log.info("restore starting", storage_key=cmd.storage_key, engine=engine.name)
 
-            def on_progress(bytes_in: int, bytes_out: int) -> None:
-                progress.update(bytes_in, bytes_out)
-                if bytes_out and progress.stage == "downloading":
-                    progress.stage = "restoring"
-
             chunks = restore_stream(
                 storage.read(cmd.storage_key),
                 compression=cmd.compression,
                 job_key_lookup=job_key,
                 expected_artifact_sha256=cmd.artifact_sha256,
                 expected_dump_sha256=cmd.dump_sha256,
-                on_progress=on_progress,
+                on_progress=progress.update,
             )
+            # downloading and restoring overlap (one stream): from here on it is "restoring"
             set_stage("restoring")
             bytes_restored = await engine.restore(conn, chunks)
             finished_at = _now()
