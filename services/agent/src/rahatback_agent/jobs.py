@@ -253,16 +253,20 @@ async def run_backup(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            error = _scrub(describe_error(exc), db_secrets, storage_secrets)
-            if isinstance(exc, EngineError | StorageError | SealingError | ArtifactError):
-                log.warning("backup failed", stage=stage, error=error)
-            else:
-                log.error(
-                    "backup failed unexpectedly", stage=stage, error=error, error_type=type(exc).__name__
-                )
+            error = _report_failure("backup", exc, stage, db_secrets, storage_secrets)
             return BackupFailed(
                 agent_id=agent_id, occurred_at=_now(), run_id=cmd.run_id, stage=stage, error=error
             )
+
+
+def _report_failure(kind: str, exc: Exception, stage: Stage, *secrets: dict[str, Any]) -> str:
+    """The user-facing error of a failed run, scrubbed of secrets, logged as expected or not."""
+    error = _scrub(describe_error(exc), *secrets)
+    if isinstance(exc, EngineError | StorageError | SealingError | ArtifactError):
+        log.warning(f"{kind} failed", stage=stage, error=error)
+    else:
+        log.error(f"{kind} failed unexpectedly", stage=stage, error=error, error_type=type(exc).__name__)
+    return error
 
 
 # ---------------------------------------------------------------- restore
@@ -326,13 +330,7 @@ async def run_restore(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            error = _scrub(describe_error(exc), db_secrets, storage_secrets)
-            if isinstance(exc, EngineError | StorageError | SealingError | ArtifactError):
-                log.warning("restore failed", stage=stage, error=error)
-            else:
-                log.error(
-                    "restore failed unexpectedly", stage=stage, error=error, error_type=type(exc).__name__
-                )
+            error = _report_failure("restore", exc, stage, db_secrets, storage_secrets)
             return RestoreFailed(
                 agent_id=agent_id, occurred_at=_now(), restore_id=cmd.restore_id, stage=stage, error=error
             )
