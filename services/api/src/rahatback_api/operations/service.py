@@ -9,9 +9,9 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
@@ -598,6 +598,31 @@ def _stall_reason(
     return None
 
 
+_Run = TypeVar("_Run", BackupRun, RestoreRun)
+
+
+async def _active_rows(session: AsyncSession, model: type[_Run]) -> Sequence[_Run]:
+    # skip_locked: a run whose report is being applied right now is judged at the next sweep
+    query = select(model).where(col(model.status).in_(ACTIVE_RUN_STATUSES)).with_for_update(skip_locked=True)
+    return (await session.execute(query)).scalars().all()
+
+
+async def _fail_stalled(session: AsyncSession, row: BackupRun | RestoreRun, reason: str) -> None:
+    if isinstance(row, BackupRun):
+        fail_run(row, reason)
+        job = await session.get(BackupJob, row.job_id) if row.job_id else None
+        if job is not None:
+            job.last_run_status = "failed"
+        await enqueue_backup_event(session, row, "backup.failed")
+    else:
+        fail_restore(row, reason)
+        backup = await session.get(BackupRun, row.backup_run_id)
+        if backup is not None:
+            backup.last_restore_status = "failed"
+        await enqueue_restore_event(session, row, "restore.failed")
+    log.warning("watchdog.failed", kind=type(row).__name__, id=row.id, reason=reason)
+
+
 async def sweep_stalled(
     session: AsyncSession,
     *,
@@ -610,51 +635,15 @@ async def sweep_stalled(
     agents = {a.id: a for a in (await session.execute(select(Agent))).scalars().all()}
     limits = {"stall_after": stall_after, "offline_after": offline_after, "command_ttl": command_ttl}
     failed = 0
-    # skip_locked: a run whose report is being applied right now is judged at the next sweep
-    backups = (
-        (
-            await session.execute(
-                select(BackupRun)
-                .where(col(BackupRun.status).in_(ACTIVE_RUN_STATUSES))
-                .with_for_update(skip_locked=True)
-            )
-        )
-        .scalars()
-        .all()
-    )
-    for run in backups:
-        reason = _stall_reason(run, agents.get(run.agent_id or ""), moment, **limits)
-        if reason is None:
-            continue
-        failed += 1
-        fail_run(run, reason)
-        job = await session.get(BackupJob, run.job_id) if run.job_id else None
-        if job is not None:
-            job.last_run_status = "failed"
-        await enqueue_backup_event(session, run, "backup.failed")
-        log.warning("watchdog.failed_run", run_id=run.id, reason=reason)
-    restores = (
-        (
-            await session.execute(
-                select(RestoreRun)
-                .where(col(RestoreRun.status).in_(ACTIVE_RUN_STATUSES))
-                .with_for_update(skip_locked=True)
-            )
-        )
-        .scalars()
-        .all()
-    )
-    for restore in restores:
-        reason = _stall_reason(restore, agents.get(restore.agent_id or ""), moment, **limits)
-        if reason is None:
-            continue
-        failed += 1
-        fail_restore(restore, reason)
-        backup = await session.get(BackupRun, restore.backup_run_id)
-        if backup is not None:
-            backup.last_restore_status = "failed"
-        await enqueue_restore_event(session, restore, "restore.failed")
-        log.warning("watchdog.failed_restore", restore_id=restore.id, reason=reason)
+    rows: list[BackupRun | RestoreRun] = [
+        *await _active_rows(session, BackupRun),
+        *await _active_rows(session, RestoreRun),
+    ]
+    for row in rows:
+        reason = _stall_reason(row, agents.get(row.agent_id or ""), moment, **limits)
+        if reason is not None:
+            failed += 1
+            await _fail_stalled(session, row, reason)
 
     for agent in agents.values():
         seen = agent.last_seen_at
