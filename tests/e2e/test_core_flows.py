@@ -167,6 +167,19 @@ def test_backup_and_restore_postgresql_end_to_end(
         "/v1/storages",
         {"name": "local", "kind": "local", "agent_id": agent_id, "settings": {"path": str(backups)}},
     )
+    assert stack.ok("POST", f"/v1/storages/{storage['id']}/test") == {
+        "schema_version": 1,
+        "ok": True,
+        "error_code": None,
+        "error": None,
+    }
+    missing = stack.ok(
+        "POST",
+        "/v1/storages/test-connection",
+        {"kind": "local", "settings": {"path": str(tmp_path / "not-mounted")}},
+    )
+    assert missing["ok"] is False and missing["error_code"] == "folder_missing"
+    assert "not-mounted" in missing["error"]
     job = stack.ok(
         "POST",
         "/v1/backups/jobs",

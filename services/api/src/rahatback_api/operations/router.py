@@ -22,6 +22,8 @@ from rahatback_api.deps import SecretBoxDep, SettingsDep
 from rahatback_api.messaging.bus import Bus
 from rahatback_api.messaging.live import LiveHub, sse_frame
 from rahatback_api.models import Agent
+from rahatback_api.storages.kinds import KINDS, StorageKindName
+from rahatback_api.storages.service import get_storage
 from rahatback_contracts import messages as m
 from sqlalchemy import text
 
@@ -131,6 +133,50 @@ async def test_saved_connection(
     agent = await service.choose_agent(session, principal.org_id, db.agent_id, _offline_after(settings))
     return await service.test_connection(
         bus, agent, lambda info: service.saved_database_target(box, db, agent, info)
+    )
+
+
+class StorageTest(BaseModel):
+    kind: StorageKindName
+    agent_id: str | None = None
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+@router.post("/v1/storages/test-connection", response_model=m.StorageTestReply)
+async def test_unsaved_storage(
+    body: StorageTest,
+    principal: OperatorPrincipal,
+    session: SessionDep,
+    settings: SettingsDep,
+    bus: BusDep,
+) -> m.StorageTestReply:
+    """Can the agent write, read back and delete in this storage? `ok: false` names what failed."""
+    public, secrets = KINDS[body.kind].split(body.settings)
+    if body.agent_id is not None:
+        await get_usable_agent(session, principal.org_id, body.agent_id, "agent_id")
+    agent = await service.choose_agent(session, principal.org_id, body.agent_id, _offline_after(settings))
+
+    def target(info: str) -> m.StorageTarget:
+        return service.storage_target(
+            agent, info, kind=body.kind, name="(unsaved)", settings=public, secrets=secrets
+        )
+
+    return await service.test_storage(bus, agent, target)
+
+
+@router.post("/v1/storages/{storage_id}/test", response_model=m.StorageTestReply)
+async def test_saved_storage(
+    storage_id: str,
+    principal: OperatorPrincipal,
+    session: SessionDep,
+    box: SecretBoxDep,
+    settings: SettingsDep,
+    bus: BusDep,
+) -> m.StorageTestReply:
+    storage = await get_storage(session, principal.org_id, storage_id)
+    agent = await service.choose_agent(session, principal.org_id, storage.agent_id, _offline_after(settings))
+    return await service.test_storage(
+        bus, agent, lambda info: service.saved_storage_target(box, storage, agent, info)
     )
 
 

@@ -11,7 +11,7 @@ import binascii
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
@@ -115,26 +115,31 @@ def saved_database_target(box: SecretBox, db: Database, agent: Agent, info: str)
     )
 
 
-async def test_connection(
-    bus: Bus, agent: Agent, target_for: Callable[[str], m.DatabaseTarget]
-) -> m.DbTestReply:
-    """`target_for(info)` builds the DatabaseTarget sealed for this request's binding."""
-    request_id = new_id()
-    request = m.DbTestRequest(request_id=request_id, database=target_for(m.seal_info("rpc", request_id)))
+_Reply = TypeVar("_Reply", m.DbTestReply, m.StorageTestReply)
+
+
+async def ask_agent(
+    bus: Bus,
+    agent: Agent,
+    rpc: Literal["db.test", "storage.test"],
+    make_request: Callable[[str], m.Message],
+    reply_model: type[_Reply],
+    timeout: float = RPC_TIMEOUT_SECONDS,  # noqa: ASYNC109 - the NATS request's own deadline
+) -> _Reply:
+    """Core request/reply to one agent; `make_request(request_id)` seals for that request only."""
+    request = make_request(new_id())
     started = time.monotonic()
     try:
-        data = await bus.request(
-            subjects.agent_rpc(agent.id, "db.test"), request, timeout=RPC_TIMEOUT_SECONDS
-        )
+        data = await bus.request(subjects.agent_rpc(agent.id, rpc), request, timeout=timeout)
     except AgentOffline as exc:
         raise Conflict(f"agent {agent.name!r} is offline: {exc}") from exc
     except AgentTimeout as exc:
         raise AppError(f"agent {agent.name!r}: {exc}", 504) from exc
     except BusUnavailable as exc:
         raise AppError(str(exc), 503) from exc
-    reply = m.DbTestReply.model_validate_json(data)
+    reply = reply_model.model_validate_json(data)
     log.info(
-        "db.test",
+        rpc,
         agent_id=agent.id,
         ok=reply.ok,
         error_code=reply.error_code,
@@ -143,18 +148,57 @@ async def test_connection(
     return reply
 
 
+async def test_connection(
+    bus: Bus, agent: Agent, target_for: Callable[[str], m.DatabaseTarget]
+) -> m.DbTestReply:
+    """`target_for(info)` builds the DatabaseTarget sealed for this request's binding."""
+
+    def request(request_id: str) -> m.DbTestRequest:
+        return m.DbTestRequest(request_id=request_id, database=target_for(m.seal_info("rpc", request_id)))
+
+    return await ask_agent(bus, agent, "db.test", request, m.DbTestReply)
+
+
+async def test_storage(
+    bus: Bus, agent: Agent, target_for: Callable[[str], m.StorageTarget]
+) -> m.StorageTestReply:
+    """Ask the agent to write, read back and delete a probe object; the reply names what failed."""
+
+    def request(request_id: str) -> m.StorageTestRequest:
+        return m.StorageTestRequest(request_id=request_id, storage=target_for(m.seal_info("rpc", request_id)))
+
+    # the agent gives a storage up to 60 s (a slow bucket); wait a little longer for its verdict
+    return await ask_agent(bus, agent, "storage.test", request, m.StorageTestReply, timeout=65.0)
+
+
 # ---------------------------------------------------------------------------------------- backup
 
 
-def storage_target(box: SecretBox, storage: Storage, agent: Agent, info: str) -> m.StorageTarget:
-    _, secrets = storage_target_parts(box, storage)
+def storage_target(
+    agent: Agent,
+    info: str,
+    *,
+    kind: str,
+    name: str,
+    settings: dict[str, Any],
+    secrets: dict[str, Any],
+    storage_id: str | None = None,
+) -> m.StorageTarget:
+    """Where the agent writes artifacts, its secrets sealed to that agent for `info` only."""
     sealed = seal_for_agent(agent.x25519_public_key, secrets, info) if secrets else None
-    return m.StorageTarget(
-        storage_id=storage.id,
-        name=storage.name,
+    return m.StorageTarget(storage_id=storage_id, name=name, kind=kind, settings=settings, secrets=sealed)
+
+
+def saved_storage_target(box: SecretBox, storage: Storage, agent: Agent, info: str) -> m.StorageTarget:
+    settings, secrets = storage_target_parts(box, storage)
+    return storage_target(
+        agent,
+        info,
         kind=storage.kind,
-        settings=dict(storage.settings),
-        secrets=sealed,
+        name=storage.name,
+        settings=settings,
+        secrets=secrets,
+        storage_id=storage.id,
     )
 
 
@@ -228,7 +272,7 @@ async def start_backup(
         run_id=run.id,
         job_id=job.id,
         database=saved_database_target(box, db, agent, info),
-        storage=storage_target(box, storage, agent, info),
+        storage=saved_storage_target(box, storage, agent, info),
         compression=job.compression,
         compression_level=job.compression_level,
         encryption=encryption,
@@ -311,7 +355,7 @@ async def start_restore(
         restore_id=restore.id,
         backup_run_id=run.id,
         database=saved_database_target(box, target, agent, info),
-        storage=storage_target(box, storage, agent, info),
+        storage=saved_storage_target(box, storage, agent, info),
         storage_key=run.storage_key,
         compression=run.compression,
         encrypted=run.encrypted,
