@@ -120,6 +120,7 @@ async def test_operations_on_another_tenants_resources_are_404(
         f"/v1/backups/jobs/{run['job_id']}/run",
         f"/v1/backups/history/{run['id']}/restore",
         f"/v1/databases/{run['database_id']}/test",
+        f"/v1/storages/{run['storage_id']}/test",
     ):
         r = await client.post(path, headers=other.headers)
         assert r.status_code == 404, (path, r.text)
