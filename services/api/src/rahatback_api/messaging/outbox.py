@@ -51,8 +51,8 @@ class OutboxRelay:
         """Called after a commit that enqueued something: publish now rather than at the next poll."""
         self.wakeup.set()
 
-    async def run(self) -> None:
-        while True:
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
             self.wakeup.clear()
             try:
                 await self.publish_pending()

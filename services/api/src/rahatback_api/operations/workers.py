@@ -7,7 +7,6 @@ at any point leads to a re-delivery that `apply_report` recognises and ignores.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
@@ -49,6 +48,9 @@ class Workers:
         self.offline_after = offline_after
         self._tasks: list[asyncio.Task[None]] = []
         self._progress_written: dict[str, float] = {}
+        # Loops check this as well as being cancelled: nats-py's fetch can turn a cancellation that
+        # races its own timeout into a TimeoutError, which a loop would otherwise just retry.
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         await self.bus.nc.subscribe(subjects.ALL_HEARTBEATS, cb=self._on_heartbeat)
@@ -56,23 +58,36 @@ class Workers:
         for name, loop in (
             ("reports", self._consume_reports),
             ("watchdog", self._watchdog),
-            ("outbox", self.relay.run),
+            ("outbox", lambda: self.relay.run(self._stopping)),
         ):
-            self._tasks.append(asyncio.create_task(_forever(name, loop), name=f"api-{name}"))
+            task = asyncio.create_task(self._forever(name, loop), name=f"api-{name}")
+            self._tasks.append(task)
 
     async def stop(self) -> None:
+        self._stopping.set()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        _, stuck = await asyncio.wait(self._tasks, timeout=10)
+        for task in stuck:
+            log.error("worker.did_not_stop", worker=task.get_name())
+
+    async def _forever(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Restart a background loop after an unexpected error instead of silently losing it."""
+        while not self._stopping.is_set():
+            try:
+                await loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("worker.crashed", worker=name)
+                await asyncio.sleep(2)
 
     # -------------------------------------------------------------------------------- reports
 
     async def _consume_reports(self) -> None:
         spec = streams.API_REPORTS_CONSUMER
         sub = await self.bus.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
-        while True:
+        while not self._stopping.is_set():
             try:
                 # one at a time: a batch fetch lingers until the batch fills or times out, delaying reports
                 batch = await sub.fetch(1, timeout=5)
@@ -138,7 +153,7 @@ class Workers:
     # ---------------------------------------------------------------------------- watchdog
 
     async def _watchdog(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             await asyncio.sleep(service.SWEEP_INTERVAL.total_seconds())
             # After a start or a NATS outage we have not heard heartbeats for a while through no
             # fault of the agents: judge them only once a full offline window has been heard.
@@ -152,15 +167,3 @@ class Workers:
                 self.relay.kick()
             if len(self._progress_written) > 10_000:  # finished runs' entries are never needed again
                 self._progress_written.clear()
-
-
-async def _forever(name: str, loop: Callable[[], Awaitable[None]]) -> None:
-    """Restart a background loop after an unexpected error instead of silently losing it."""
-    while True:
-        try:
-            await loop()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("worker.crashed", worker=name)
-            await asyncio.sleep(2)
