@@ -17,7 +17,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rahatback_agent.identity import IdentityError, load_identity
 from rahatback_agent.main import main
-from rahatback_agent.sealing import open_sealed, seal_for_agent
+from rahatback_agent.sealing import open_sealed
+from rahatback_api.messaging.sealing import seal_for_agent
 
 VALID_TOKEN = "enroll-token-" + "a" * 20
 

@@ -7,7 +7,8 @@ import base64
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rahatback_agent.identity import public_key_b64
-from rahatback_agent.sealing import SealingError, open_job_key, open_sealed, seal_for_agent
+from rahatback_agent.sealing import SealingError, open_job_key, open_sealed
+from rahatback_api.messaging.sealing import seal_for_agent
 from rahatback_contracts.messages import Sealed, seal_info
 
 

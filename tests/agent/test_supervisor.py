@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy, StreamConfig
 from rahatback_agent.identity import save_identity
 from rahatback_agent.pipeline import Manifest
-from rahatback_agent.sealing import seal_for_agent
+from rahatback_api.messaging.sealing import seal_for_agent
 from rahatback_contracts import streams, subjects
 from rahatback_contracts.messages import (
     BackupCommand,

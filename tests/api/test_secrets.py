@@ -4,7 +4,7 @@ import os
 
 import httpx
 import pytest
-from rahatback_api.databases.service import database_target_parts
+from rahatback_api.databases.service import database_secrets
 from rahatback_api.db import session_scope
 from rahatback_api.models import Database
 from rahatback_api.security.secretbox import SecretBox, SecretBoxError
@@ -49,8 +49,8 @@ async def test_password_is_write_only_and_encrypted_at_rest(
     assert row.secrets_encrypted is not None
     assert DB_PASSWORD not in row.secrets_encrypted
     assert DB_PASSWORD not in str(row.settings)
-    engine, settings, secrets = database_target_parts(box, row)
-    assert (engine, settings["host"], secrets) == ("postgresql", "db.internal", {"password": DB_PASSWORD})
+    assert (row.engine, row.settings["host"]) == ("postgresql", "db.internal")
+    assert database_secrets(box, row) == {"password": DB_PASSWORD}
 
 
 async def test_update_keeps_replaces_or_clears_the_password(
@@ -62,7 +62,7 @@ async def test_update_keeps_replaces_or_clears_the_password(
         async with session_scope(sessionmaker) as session:
             row = await session.get(Database, db_id)
             assert row is not None
-            return database_target_parts(box, row)[2]
+            return database_secrets(box, row)
 
     r = await client.patch(
         f"/v1/databases/{db_id}", json={"settings": {"port": 6432}}, headers=tenant.headers
@@ -96,7 +96,7 @@ async def test_ciphertext_swapped_between_rows_does_not_open(
         assert row_a is not None and row_b is not None
         row_b.secrets_encrypted = row_a.secrets_encrypted
     with pytest.raises(SecretBoxError):
-        database_target_parts(box, row_b)
+        database_secrets(box, row_b)
 
 
 def test_secretbox_roundtrip_and_binding() -> None:

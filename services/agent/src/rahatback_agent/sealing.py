@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 from rahatback_contracts.messages import Sealed
 
@@ -18,12 +18,6 @@ SUITE = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)
 
 class SealingError(Exception):
     """A sealed secret could not be opened; the message says why (never what it contained)."""
-
-
-def seal_for_agent(public_key_b64: str, payload: dict[str, Any], info: str) -> Sealed:
-    public_key = X25519PublicKey.from_public_bytes(base64.b64decode(public_key_b64))
-    ciphertext = SUITE.encrypt(json.dumps(payload).encode(), public_key, info=info.encode())
-    return Sealed(ciphertext_b64=base64.b64encode(ciphertext).decode(), info=info)
 
 
 def open_sealed(private_key: X25519PrivateKey, sealed: Sealed, expected_info: str) -> dict[str, Any]:

@@ -33,11 +33,6 @@ def database_secrets(box: SecretBox, db: Database) -> dict[str, Any]:
     return secrets
 
 
-def database_target_parts(box: SecretBox, db: Database) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(engine, settings in clear, decrypted secrets) — for building a sealed `DatabaseTarget`."""
-    return db.engine, dict(db.settings), database_secrets(box, db)
-
-
 def database_public(db: Database) -> DatabasePublic:
     return DatabasePublic(
         id=db.id,

@@ -19,14 +19,14 @@ from rahatback_api.agents.service import is_online as _is_online
 from rahatback_api.backups.models import ACTIVE_RUN_STATUSES
 from rahatback_api.backups.service import load_backup_key
 from rahatback_api.columns import new_id, utcnow
-from rahatback_api.databases.service import database_target_parts
+from rahatback_api.databases.service import database_secrets
 from rahatback_api.errors import AppError, Conflict
 from rahatback_api.messaging.bus import AgentOffline, AgentTimeout, Bus, BusUnavailable
 from rahatback_api.messaging.outbox import enqueue
 from rahatback_api.messaging.sealing import seal_for_agent
 from rahatback_api.models import Agent, BackupJob, BackupRun, Database, ProcessedMessage, RestoreRun, Storage
 from rahatback_api.security.secretbox import SecretBox
-from rahatback_api.storages.service import storage_target_parts
+from rahatback_api.storages.service import storage_secrets
 from rahatback_contracts import messages as m
 from rahatback_contracts import subjects
 from sqlalchemy import update
@@ -38,6 +38,21 @@ log = structlog.get_logger(__name__)
 COMMAND_TTL = timedelta(hours=6)
 SWEEP_INTERVAL = timedelta(seconds=10)
 RPC_TIMEOUT_SECONDS = 20.0
+
+
+_Run = TypeVar("_Run", BackupRun, RestoreRun)
+
+
+async def _first_active(session: AsyncSession, model: type[_Run], **match: str) -> str | None:
+    """The id of a queued or running row matching `match` (e.g. job_id=…), if there is one."""
+    query = select(model.id).where(col(model.status).in_(ACTIVE_RUN_STATUSES)).filter_by(**match)
+    return (await session.execute(query)).scalars().first()
+
+
+async def _active_rows(session: AsyncSession, model: type[_Run]) -> Sequence[_Run]:
+    # skip_locked: a run whose report is being applied right now is judged at the next sweep
+    query = select(model).where(col(model.status).in_(ACTIVE_RUN_STATUSES)).with_for_update(skip_locked=True)
+    return (await session.execute(query)).scalars().all()
 
 
 # ------------------------------------------------------------------------------------------ agents
@@ -109,9 +124,14 @@ def database_target(
 
 
 def saved_database_target(box: SecretBox, db: Database, agent: Agent, info: str) -> m.DatabaseTarget:
-    engine, settings, secrets = database_target_parts(box, db)
     return database_target(
-        agent, info, engine=engine, name=db.name, settings=settings, secrets=secrets, database_id=db.id
+        agent,
+        info,
+        engine=db.engine,
+        name=db.name,
+        settings=dict(db.settings),
+        secrets=database_secrets(box, db),
+        database_id=db.id,
     )
 
 
@@ -190,14 +210,13 @@ def storage_target(
 
 
 def saved_storage_target(box: SecretBox, storage: Storage, agent: Agent, info: str) -> m.StorageTarget:
-    settings, secrets = storage_target_parts(box, storage)
     return storage_target(
         agent,
         info,
         kind=storage.kind,
         name=storage.name,
-        settings=settings,
-        secrets=secrets,
+        settings=dict(storage.settings),
+        secrets=storage_secrets(box, storage),
         storage_id=storage.id,
     )
 
@@ -224,17 +243,7 @@ async def start_backup(
     offline_after: timedelta,
 ) -> BackupRun:
     """Queue a run of `job` and enqueue its command; a second concurrent run of the job is a 409."""
-    active = (
-        (
-            await session.execute(
-                select(BackupRun.id).where(
-                    BackupRun.job_id == job.id, col(BackupRun.status).in_(ACTIVE_RUN_STATUSES)
-                )
-            )
-        )
-        .scalars()
-        .first()
-    )
+    active = await _first_active(session, BackupRun, job_id=job.id)
     if active is not None:
         raise Conflict(f"job {job.name!r} is already running (run {active}); wait for it to finish")
     db = await session.get(Database, job.database_id)
@@ -302,17 +311,7 @@ async def start_restore(
             422,
             field="database_id",
         )
-    busy = (
-        (
-            await session.execute(
-                select(RestoreRun.id).where(
-                    RestoreRun.database_id == target.id, col(RestoreRun.status).in_(ACTIVE_RUN_STATUSES)
-                )
-            )
-        )
-        .scalars()
-        .first()
-    )
+    busy = await _first_active(session, RestoreRun, database_id=target.id)
     if busy is not None:
         raise Conflict(f"database {target.name!r} is already being restored (restore {busy})")
     storage = await session.get(Storage, run.storage_id)
@@ -386,7 +385,10 @@ class UntrustedReport(Exception):
 
 def parse_report(subject: str, data: bytes) -> tuple[str, str, m.Report]:
     """(agent id from the subject — NATS permissions bind it —, report kind, parsed body)."""
-    agent_id = subjects.agent_id_of(subject)
+    try:
+        agent_id = subjects.agent_id_of(subject)
+    except ValueError as exc:
+        raise UntrustedReport(str(exc)) from exc
     kind = ".".join(subject.split(".")[3:])
     model = REPORT_MODELS.get(kind)
     if model is None:
@@ -640,15 +642,6 @@ def _stall_reason(
     if moment - (row.last_progress_at or row.started_at or row.queued_at) > stall_after:
         return f"no progress from the agent for more than {int(stall_after.total_seconds())} s"
     return None
-
-
-_Run = TypeVar("_Run", BackupRun, RestoreRun)
-
-
-async def _active_rows(session: AsyncSession, model: type[_Run]) -> Sequence[_Run]:
-    # skip_locked: a run whose report is being applied right now is judged at the next sweep
-    query = select(model).where(col(model.status).in_(ACTIVE_RUN_STATUSES)).with_for_update(skip_locked=True)
-    return (await session.execute(query)).scalars().all()
 
 
 async def _fail_stalled(session: AsyncSession, row: BackupRun | RestoreRun, reason: str) -> None:

@@ -102,7 +102,7 @@ class Workers:
             agent_id, kind, report = service.parse_report(msg.subject, msg.data)
             async with session_scope(self.sessions) as session:
                 changed = await service.apply_report(session, agent_id, msg_id, report)
-        except (service.UntrustedReport, ValueError) as exc:
+        except service.UntrustedReport as exc:
             log.warning("report.rejected", subject=msg.subject, reason=str(exc))
             await msg.term()
             return

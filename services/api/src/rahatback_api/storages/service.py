@@ -35,11 +35,6 @@ def storage_secrets(box: SecretBox, storage: Storage) -> dict[str, Any]:
     return secrets
 
 
-def storage_target_parts(box: SecretBox, storage: Storage) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(settings in clear, decrypted secrets) for a sealed `StorageTarget`; the kind is `storage.kind`."""
-    return dict(storage.settings), storage_secrets(box, storage)
-
-
 def storage_public(storage: Storage) -> StoragePublic:
     return StoragePublic(
         id=storage.id,
