@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rahatback_agent.identity import IdentityError, load_identity
 from rahatback_agent.main import main
 from rahatback_agent.sealing import open_sealed
-from rahatback_api.messaging.sealing import seal_for_agent
+from rahatback_contracts.sealing import seal
 
 VALID_TOKEN = "enroll-token-" + "a" * 20
 
@@ -101,7 +101,7 @@ def test_enroll_writes_a_private_identity_that_opens_secrets_sealed_to_it(
     assert sent["x25519_public_key"] == identity.public_key_b64
     assert len(base64.b64decode(sent["x25519_public_key"])) == 32
     assert identity.x25519_private_key_b64 not in json.dumps(sent)
-    sealed = seal_for_agent(sent["x25519_public_key"], {"password": "pw"}, "rahatback:run:1")
+    sealed = seal(sent["x25519_public_key"], {"password": "pw"}, "rahatback:run:1")
     assert open_sealed(identity.private_key, sealed, "rahatback:run:1") == {"password": "pw"}
     # no temp files left next to it
     assert [p.name for p in config.parent.iterdir()] == ["agent.json"]

@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy, StreamConfig
 from rahatback_agent.identity import save_identity
 from rahatback_agent.pipeline import Manifest
-from rahatback_api.messaging.sealing import seal_for_agent
+from rahatback_contracts.sealing import seal
 from rahatback_contracts import streams, subjects
 from rahatback_contracts.messages import (
     BackupCommand,
@@ -90,7 +90,7 @@ def db_target(
         name=db,
         engine="postgresql",
         settings={"host": pg.host, "port": pg.port, "user": pg.user, "database": db},
-        secrets=seal_for_agent(sealed_to, {"password": pg.password if password is None else password}, info),
+        secrets=seal(sealed_to, {"password": pg.password if password is None else password}, info),
     )
 
 
@@ -119,7 +119,7 @@ def backup_command(
         encryption=EncryptionSpec(
             enabled=True,
             key_id="job-key-1",
-            job_key=seal_for_agent(
+            job_key=seal(
                 agent.public_key_b64, {"key_b64": base64.b64encode(job_key).decode()}, info
             ),
         ),
@@ -314,7 +314,7 @@ async def test_backup_then_restore_into_another_database(
             dump_sha256=done["dump_sha256"],
             encryption=EncryptionSpec(
                 key_id="job-key-1",
-                job_key=seal_for_agent(
+                job_key=seal(
                     agent.public_key_b64, {"key_b64": base64.b64encode(job_key).decode()}, info
                 ),
             ),
@@ -366,7 +366,7 @@ async def test_tampered_artifact_is_refused_and_target_untouched(
             encrypted=True,
             encryption=EncryptionSpec(
                 key_id="job-key-1",
-                job_key=seal_for_agent(
+                job_key=seal(
                     agent.public_key_b64, {"key_b64": base64.b64encode(job_key).decode()}, info
                 ),
             ),

@@ -7,6 +7,7 @@ receiving agent's X25519 public key, bound to the run or request id through the 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -14,7 +15,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 Engine = Literal["postgresql", "sqlite", "mysql", "mongodb", "mssql"]
 StorageKind = Literal["local", "s3", "gdrive"]
 Compression = Literal["zstd", "gzip", "none"]
-RunStatus = Literal["queued", "running", "completed", "partial", "failed", "skipped"]
+# skipped: a scheduled fire found the job still running; missed: the scheduler was down at fire time
+RunStatus = Literal["queued", "running", "completed", "partial", "failed", "skipped", "missed"]
 Stage = Literal["queued", "dumping", "uploading", "downloading", "restoring", "finalizing"]
 
 
@@ -44,7 +46,7 @@ class Sealed(BaseModel):
     info: str
 
 
-def seal_info(purpose: Literal["run", "restore", "rpc"], ident: str) -> str:
+def seal_info(purpose: Literal["run", "restore", "rpc", "prune", "notify"], ident: str) -> str:
     return f"rahatback:{purpose}:{ident}"
 
 
@@ -118,6 +120,23 @@ class RestoreCommand(Command):
 
 class CancelCommand(Command):
     run_id: str
+
+
+class PruneItem(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    storage_key: str
+    manifest_key: str | None = None
+
+
+class PruneCommand(Command):
+    """Retention: delete these expired artifacts (and their manifests) from one storage."""
+
+    prune_id: str
+    job_id: str
+    storage: StorageTarget  # secrets sealed with seal_info("prune", prune_id)
+    items: list[PruneItem]
 
 
 # ---------------------------------------------------------------- rpc (core request/reply)
@@ -201,6 +220,29 @@ class RestoreFailed(Report):
     error: str
 
 
+class PruneFailure(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    error: str
+
+
+class PruneCompleted(Report):
+    """Per-item outcome: `deleted` run ids are gone from storage (a key already absent counts as
+    deleted); `failures` name what could not be deleted and why."""
+
+    prune_id: str
+    deleted: list[str] = Field(default_factory=list)
+    failures: list[PruneFailure] = Field(default_factory=list)
+
+
+class PruneFailed(Report):
+    """Nothing was attempted (e.g. the storage could not be opened)."""
+
+    prune_id: str
+    error: str
+
+
 # ---------------------------------------------------------------- core telemetry
 
 
@@ -227,6 +269,26 @@ class Heartbeat(Message):
 # ---------------------------------------------------------------- domain events (EVENTS)
 
 
+NotifyKind = Literal["email", "webhook", "slack"]
+
+
+class NotifyTarget(BaseModel):
+    """Whom to tell, attached by the API so the notifier needs no database of its own.
+
+    `recipients` are email addresses (email channels). A webhook's URL and signing secret, and a
+    Slack incoming-webhook URL (itself a credential), travel sealed to the notifier's X25519 key with
+    `seal_info("notify", f"{event_id}:{channel_id}")`: `{"url": ..., "secret": ...}`.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    channel_id: str
+    channel_name: str
+    kind: NotifyKind
+    recipients: list[str] = Field(default_factory=list)
+    secrets: Sealed | None = None
+
+
 class DomainEvent(Message):
     """A fact the API has committed. `type` is also the subject, e.g. `backup.completed`."""
 
@@ -234,6 +296,8 @@ class DomainEvent(Message):
     type: str
     org_id: str
     occurred_at: AwareDatetime
+    notify: list[NotifyTarget] = Field(default_factory=list)
+    link: str | None = None  # where a person sees the details (API URL of the run)
 
 
 class BackupEvent(DomainEvent):
@@ -248,17 +312,33 @@ class BackupEvent(DomainEvent):
     artifact_size: int | None = None
     duration_ms: int | None = None
     storage_key: str | None = None
+    storage_name: str | None = None
     error: str | None = None
 
 
 class RestoreEvent(DomainEvent):
     restore_id: str
     backup_run_id: str
+    job_id: str | None = None
+    job_name: str | None = None
     database_id: str
     database_name: str
     status: RunStatus
     duration_ms: int | None = None
     error: str | None = None
+
+
+class OverdueEvent(DomainEvent):
+    """`backup.overdue`: a scheduled job has had no successful backup by `expected_by`."""
+
+    job_id: str
+    job_name: str
+    database_id: str
+    database_name: str
+    cron: str
+    timezone: str
+    last_success_at: AwareDatetime | None = None
+    expected_by: AwareDatetime
 
 
 class PresenceEvent(DomainEvent):
@@ -267,9 +347,65 @@ class PresenceEvent(DomainEvent):
     online: bool
 
 
+EVENT_MODELS: dict[str, type[DomainEvent]] = {
+    **dict.fromkeys(("backup.started", "backup.completed", "backup.partial", "backup.failed"), BackupEvent),
+    "backup.overdue": OverdueEvent,
+    **dict.fromkeys(("restore.started", "restore.completed", "restore.failed"), RestoreEvent),
+    **dict.fromkeys(("presence.online", "presence.offline"), PresenceEvent),
+}
+
+
+def parse_event(data: bytes) -> DomainEvent:
+    """Decode an EVENTS message into its model by its `type` (unknown types: the base model)."""
+    base = DomainEvent.model_validate_json(data)
+    model = EVENT_MODELS.get(base.type, DomainEvent)
+    return model.model_validate_json(data)
+
+
+# ---------------------------------------------------------------- scheduling (KV SCHEDULES, stream CONTROL)
+
+ScheduleKind = Literal["backup", "verify"]
+
+
+def schedule_key(kind: ScheduleKind, job_id: str) -> str:
+    """Key in the SCHEDULES bucket, e.g. `backup.<job id>`."""
+    return f"{kind}.{job_id}"
+
+
+class ScheduleEntry(Message):
+    """Value in KV SCHEDULES. The API writes it whenever a job's schedule changes (deleted job or
+    removed schedule: the key is deleted); the scheduler watches the bucket and nothing else.
+
+    `cron` is a standard 5-field crontab expression (day of week 0 or 7 = Sunday) evaluated in the
+    IANA `timezone`, as the API validated it.
+    """
+
+    kind: ScheduleKind = "backup"
+    job_id: str
+    org_id: str
+    cron: str
+    timezone: str
+    enabled: bool = True
+    updated_at: AwareDatetime
+
+
 class BackupRequested(Message):
-    """Scheduler → API (stream CONTROL), deduplicated by `Nats-Msg-Id = sched:<job id>:<fire time>`."""
+    """Scheduler → API (stream CONTROL), deduplicated by `Nats-Msg-Id = sched:<job id>:<fire time>`.
+
+    `missed=True`: the scheduler was down at `fire_time` (and `missed_fires` times in all since its
+    last fire) beyond the grace period; the API records a visible `missed` run instead of running.
+    """
 
     job_id: str
     org_id: str
     fire_time: AwareDatetime
+    missed: bool = False
+    missed_fires: int = 0
+
+
+def scheduled_msg_id(kind: ScheduleKind, job_id: str, fire_time: datetime) -> str:
+    """`Nats-Msg-Id` of a scheduled request: every replica computes the same one for the same fire
+    (the fire time in UTC, to the second, e.g. `sched:<job id>:2026-03-29T01:00:00Z`)."""
+    prefix = "sched" if kind == "backup" else "sched-verify"
+    stamp = fire_time.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{prefix}:{job_id}:{stamp}"

@@ -81,7 +81,37 @@ EVENTS = StreamSpec(
     description="API → notifier and live clients: committed domain events",
 )
 
-ALL_STREAMS: tuple[StreamSpec, ...] = (AGENT_COMMANDS, AGENT_REPORTS, CONTROL, EVENTS)
+DEAD_LETTERS = StreamSpec(
+    name="DEAD_LETTERS",
+    subjects=(subjects.NOTIFICATION_DEAD_LETTER,),
+    max_age_seconds=30 * DAY,
+    duplicate_window_seconds=1 * DAY,
+    description="notifications that failed after their last retry, for a person to inspect",
+)
+
+ALL_STREAMS: tuple[StreamSpec, ...] = (AGENT_COMMANDS, AGENT_REPORTS, CONTROL, EVENTS, DEAD_LETTERS)
+
+
+@dataclass(frozen=True)
+class KeyValueSpec:
+    bucket: str
+    history: int = 1
+    ttl_seconds: int = 0  # 0 = keep forever
+    description: str = ""
+
+
+# job schedules: the API writes, the scheduler watches (its only source of truth)
+SCHEDULES = KeyValueSpec(
+    bucket="SCHEDULES", history=5, description="job schedules: key `<kind>.<job id>` → ScheduleEntry"
+)
+# the scheduler's own memory of the last fire per schedule key, for catch-up after downtime
+SCHEDULER_STATE = KeyValueSpec(bucket="SCHEDULER_STATE", description="schedule key → last fire time")
+# notifications already sent, by `<event id>.<channel id>`: a redelivered event sends nothing twice
+NOTIFICATIONS_SENT = KeyValueSpec(
+    bucket="NOTIFICATIONS_SENT", ttl_seconds=35 * DAY, description="idempotency keys of sent notifications"
+)
+
+ALL_KEY_VALUES: tuple[KeyValueSpec, ...] = (SCHEDULES, SCHEDULER_STATE, NOTIFICATIONS_SENT)
 
 
 @dataclass(frozen=True)
@@ -97,6 +127,10 @@ class ConsumerSpec:
 # the API keeps redelivering with a growing delay instead of dropping a finished backup's result
 API_REPORTS_CONSUMER = ConsumerSpec(stream=AGENT_REPORTS.name, durable="api-reports", max_deliver=-1)
 API_CONTROL_CONSUMER = ConsumerSpec(stream=CONTROL.name, durable="api-control")
+# the notifier retries a failing channel with nak(delay) and dead-letters it after its last attempt
+NOTIFIER_EVENTS_CONSUMER = ConsumerSpec(
+    stream=EVENTS.name, durable="notifier", ack_wait_seconds=60, max_deliver=-1
+)
 
 
 def agent_commands_consumer(agent_id: str) -> ConsumerSpec:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-RunKind = Literal["backup", "restore", "verify"]
+RunKind = Literal["backup", "restore", "verify", "prune"]
 ReportOutcome = Literal["started", "completed", "failed"]
 CommandKind = Literal["job.execute", "restore.execute", "verify.execute", "prune.execute", "job.cancel"]
 
@@ -54,6 +54,7 @@ ALL_REPORTS = "agent.*.report.>"
 
 BACKUP_REQUESTED = "backup.requested"
 VERIFY_REQUESTED = "verify.requested"
+NOTIFICATION_DEAD_LETTER = "notification.deadletter"
 
 
 def agent_id_of(subject: str) -> str:

@@ -23,7 +23,7 @@ from rahatback_api.databases.service import database_secrets
 from rahatback_api.errors import AppError, Conflict
 from rahatback_api.messaging.bus import AgentOffline, AgentTimeout, Bus, BusUnavailable
 from rahatback_api.messaging.outbox import enqueue
-from rahatback_api.messaging.sealing import seal_for_agent
+from rahatback_contracts.sealing import seal
 from rahatback_api.models import Agent, BackupJob, BackupRun, Database, ProcessedMessage, RestoreRun, Storage
 from rahatback_api.security.secretbox import SecretBox
 from rahatback_api.storages.service import storage_secrets
@@ -117,7 +117,7 @@ def database_target(
     database_id: str | None = None,
 ) -> m.DatabaseTarget:
     """How the agent reaches a database, its secrets sealed to that agent for `info` only."""
-    sealed = seal_for_agent(agent.x25519_public_key, secrets, info) if secrets else None
+    sealed = seal(agent.x25519_public_key, secrets, info) if secrets else None
     return m.DatabaseTarget(
         database_id=database_id, name=name, engine=engine, settings=settings, secrets=sealed
     )
@@ -205,7 +205,7 @@ def storage_target(
     storage_id: str | None = None,
 ) -> m.StorageTarget:
     """Where the agent writes artifacts, its secrets sealed to that agent for `info` only."""
-    sealed = seal_for_agent(agent.x25519_public_key, secrets, info) if secrets else None
+    sealed = seal(agent.x25519_public_key, secrets, info) if secrets else None
     return m.StorageTarget(storage_id=storage_id, name=name, kind=kind, settings=settings, secrets=sealed)
 
 
@@ -230,7 +230,7 @@ async def _sealed_key(
     session: AsyncSession, box: SecretBox, agent: Agent, org_id: str, key_id: str, info: str
 ) -> m.EncryptionSpec:
     key = await load_backup_key(session, box, org_id, key_id)
-    job_key = seal_for_agent(agent.x25519_public_key, {"key_b64": _b64(key)}, info)
+    job_key = seal(agent.x25519_public_key, {"key_b64": _b64(key)}, info)
     return m.EncryptionSpec(enabled=True, key_id=key_id, job_key=job_key)
 
 
