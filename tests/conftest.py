@@ -30,3 +30,20 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+# appended per engine, with its own imports, so engine fixtures can be added independently
+from tests.servers import MariaDBServer, mariadb_missing_tools, running_mariadb  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBServer]:
+    if missing := mariadb_missing_tools():
+        install = "apt-get install -y mariadb-server mariadb-client"
+        pytest.skip(f"MariaDB is not installed ({', '.join(missing)}): {install}")
+    # mariadbd runs as the mysql OS user: pytest's base temp is private to root, so open it up
+    base = tmp_path_factory.getbasetemp()
+    base.chmod(0o755)
+    base.parent.chmod(0o755)
+    with running_mariadb(tmp_path_factory.mktemp("mariadb")) as server:
+        yield server
