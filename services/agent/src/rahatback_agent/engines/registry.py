@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from rahatback_agent.engines.base import Engine, EngineError
+from rahatback_agent.engines.mongodb import MongoDBEngine
+from rahatback_agent.engines.mssql import MSSQLEngine
 from rahatback_agent.engines.postgresql import PostgreSQLEngine
 from rahatback_agent.engines.sqlite import SQLiteEngine
 
@@ -11,6 +13,8 @@ __all__ = ["ENGINES", "get_engine"]
 ENGINES: dict[str, Engine] = {
     "postgresql": PostgreSQLEngine(),
     "sqlite": SQLiteEngine(),
+    "mongodb": MongoDBEngine(),
+    "mssql": MSSQLEngine(),
 }
 
 
