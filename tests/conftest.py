@@ -47,3 +47,13 @@ def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBServer]
     base.parent.chmod(0o755)
     with running_mariadb(tmp_path_factory.mktemp("mariadb")) as server:
         yield server
+
+
+# appended with its own imports (see above): a real S3 endpoint that checks signatures and IAM
+from tests.servers import MotoServer, running_moto  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    with running_moto(tmp_path_factory.mktemp("moto")) as server:
+        yield server

@@ -327,3 +327,145 @@ def running_mariadb(workdir: Path, password: str = "s3cret-Maria-pass") -> Itera
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------ S3 (moto_server)
+# appended with its own imports, so server helpers can be added independently
+import json  # noqa: E402
+import uuid  # noqa: E402
+from typing import Any  # noqa: E402
+
+
+def moto_server_binary() -> str:
+    found = Path(sys.executable).parent / "moto_server"
+    if found.exists():
+        return str(found)
+    which = shutil.which("moto_server")
+    if not which:
+        raise RuntimeError("moto_server not found: install the dev dependencies (uv sync)")
+    return which
+
+
+@dataclass
+class MotoServer:
+    """A real S3 HTTP endpoint (moto) that checks SigV4 signatures and IAM policies, like AWS.
+
+    `access_key_id`/`secret_access_key` belong to an IAM user allowed everything; `create_user`
+    makes users with narrower policies. Talk to it as any S3-compatible: endpoint URL + path style.
+    """
+
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    access_key_id: str
+    secret_access_key: str
+    region: str = "us-east-1"
+
+    def client(self, service: str = "s3", access_key_id: str | None = None, secret: str | None = None) -> Any:
+        """A plain boto3 client, as a user checking their bucket would use."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            service,
+            endpoint_url=self.url,
+            region_name=self.region,
+            aws_access_key_id=access_key_id or self.access_key_id,
+            aws_secret_access_key=secret or self.secret_access_key,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+        )
+
+    def create_bucket(self, prefix: str = "rb") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:20]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def create_user(self, policy: dict[str, Any]) -> tuple[str, str]:
+        """A new IAM user with this inline policy; returns (access key id, secret access key)."""
+        iam = self.client("iam")
+        name = f"user-{uuid.uuid4().hex[:12]}"
+        iam.create_user(UserName=name)
+        iam.put_user_policy(UserName=name, PolicyName="inline", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return str(key["AccessKeyId"]), str(key["SecretAccessKey"])
+
+    def stop(self) -> None:
+        self.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_moto(workdir: Path, port: int | None = None, *, enforce_auth: bool = True) -> MotoServer:
+    """Start moto_server on loopback. With `enforce_auth` (the default) an all-powerful IAM user is
+    created first, then moto is told to check every request's signature and IAM permissions
+    (`/moto-api/reset-auth`, what INITIAL_NO_AUTH_ACTION_COUNT does), so wrong keys really fail."""
+    import urllib.error
+    import urllib.request
+
+    import boto3
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(workdir / "moto.log", "ab") as log:
+        proc = subprocess.Popen(
+            [moto_server_binary(), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "inf"},
+        )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):  # noqa: S310 - our loopback server
+                break
+        except (urllib.error.URLError, OSError):
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"moto_server exited: {(workdir / 'moto.log').read_text()[-2000:]}"
+                ) from None
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto_server did not answer within 30 s") from None
+            time.sleep(0.05)
+    # bootstrap credentials: moto accepts any key until auth is switched on below
+    iam = boto3.client(
+        "iam",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="bootstrap",
+        aws_secret_access_key="x",
+    )
+    iam.create_user(UserName="admin")
+    admin_policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+    }
+    iam.put_user_policy(UserName="admin", PolicyName="all", PolicyDocument=json.dumps(admin_policy))
+    key = iam.create_access_key(UserName="admin")["AccessKey"]
+    iam.close()
+    if enforce_auth:
+        request = urllib.request.Request(  # noqa: S310 - our loopback server
+            f"{url}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
+        )
+        with urllib.request.urlopen(request, timeout=10):  # noqa: S310
+            pass
+    return MotoServer(
+        url=url,
+        port=port,
+        process=proc,
+        access_key_id=str(key["AccessKeyId"]),
+        secret_access_key=str(key["SecretAccessKey"]),
+    )
+
+
+@contextlib.contextmanager
+def running_moto(workdir: Path, *, enforce_auth: bool = True) -> Iterator[MotoServer]:
+    server = start_moto(workdir, enforce_auth=enforce_auth)
+    try:
+        yield server
+    finally:
+        server.stop()
