@@ -125,6 +125,14 @@ class MSSQLSettings(BaseModel):
             raise ValueError("must not contain control characters")
         return value
 
+    @field_validator("driver")
+    @classmethod
+    def _driver(cls, value: str) -> str:
+        # unixODBC's driver manager reads DRIVER= itself; keep its quoting trivial
+        if "{" in value or "}" in value:
+            raise ValueError("must not contain braces")
+        return value
+
     @field_validator("backup_dir")
     @classmethod
     def _backup_dir(cls, value: str | None) -> str | None:
@@ -166,17 +174,27 @@ def _require(settings: MSSQLSettings) -> tuple[str, str]:
 # ---------------------------------------------------------------- SQL and connection text
 
 
-def _odbc_value(value: str) -> str:
-    # ODBC's quoting: braces around the value, a closing brace inside doubled
-    return "{" + value.replace("}", "}}") + "}"
+def _odbc_value(value: str, field: str, freetds: bool) -> str:
+    if not freetds:
+        # ODBC's quoting, as Microsoft's driver documents it: braces, a closing brace doubled
+        return "{" + value.replace("}", "}}") + "}"
+    # FreeTDS ends a braced value at the first "};" and does not undouble "}}" (its
+    # odbc_parse_connect_string; the TDS fake in tests/agent/test_engine_mssql.py shows it)
+    if "};" in value:
+        raise EngineError(
+            "bad_settings",
+            f"the FreeTDS driver cannot be given a {field} containing '}};': use Microsoft's ODBC driver",
+        )
+    return "{" + value + "}"
 
 
 def connection_string(settings: MSSQLSettings, password: str, database: str = "master") -> str:
     """The ODBC connection string. It holds the password: keep it in memory, never log it."""
-    if settings.freetds:
+    freetds = settings.freetds
+    if freetds:
         # FreeTDS takes host and port apart and has its own encryption keyword
         parts = [
-            f"DRIVER={_odbc_value(settings.driver)}",
+            f"DRIVER={_odbc_value(settings.driver, 'driver', freetds)}",
             f"SERVER={settings.host}",
             f"PORT={settings.port}",
             f"Encryption={'require' if settings.encrypt else 'request'}",
@@ -184,15 +202,15 @@ def connection_string(settings: MSSQLSettings, password: str, database: str = "m
         ]
     else:
         parts = [
-            f"DRIVER={_odbc_value(settings.driver)}",
+            f"DRIVER={_odbc_value(settings.driver, 'driver', freetds)}",
             f"SERVER=tcp:{settings.host},{settings.port}",
             f"Encrypt={'yes' if settings.encrypt else 'no'}",
             f"TrustServerCertificate={'yes' if settings.trust_server_certificate else 'no'}",
         ]
     parts += [
-        f"UID={_odbc_value(settings.user)}",
-        f"PWD={_odbc_value(password)}",
-        f"DATABASE={_odbc_value(database)}",
+        f"UID={_odbc_value(settings.user, 'user', freetds)}",
+        f"PWD={_odbc_value(password, 'password', freetds)}",
+        f"DATABASE={_odbc_value(database, 'database name', freetds)}",
         "APP=rahatback",
     ]
     return ";".join(parts) + ";"
