@@ -228,8 +228,15 @@ class MariaDBServer:
         if database is not None:
             argv.append(f"--database={database}")
         env = {**os.environ, "MYSQL_PWD": self.password if password is None else password}
-        out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True)
+        out = subprocess.run(argv, env=env, check=False, capture_output=True, text=True)
+        if out.returncode:
+            raise MariaDBError(out.returncode, argv, out.stdout, out.stderr)
         return out.stdout.strip()
+
+
+class MariaDBError(subprocess.CalledProcessError):
+    def __str__(self) -> str:
+        return f"mariadb exited with status {self.returncode}: {self.stderr.strip()}"
 
 
 def _mysql_owned(*paths: Path) -> None:
@@ -380,10 +387,10 @@ class MotoServer:
         self.client().create_bucket(Bucket=name)
         return name
 
-    def create_user(self, policy: dict[str, Any]) -> tuple[str, str]:
-        """A new IAM user with this inline policy; returns (access key id, secret access key)."""
+    def create_user(self, policy: dict[str, Any], name: str | None = None) -> tuple[str, str]:
+        """A new IAM user with this inline policy ("inline"); returns (access key id, secret access key)."""
         iam = self.client("iam")
-        name = f"user-{uuid.uuid4().hex[:12]}"
+        name = name or f"user-{uuid.uuid4().hex[:12]}"
         iam.create_user(UserName=name)
         iam.put_user_policy(UserName=name, PolicyName="inline", PolicyDocument=json.dumps(policy))
         key = iam.create_access_key(UserName=name)["AccessKey"]

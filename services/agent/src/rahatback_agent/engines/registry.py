@@ -5,6 +5,7 @@ from __future__ import annotations
 from rahatback_agent.engines.base import Engine, EngineError
 from rahatback_agent.engines.mongodb import MongoDBEngine
 from rahatback_agent.engines.mssql import MSSQLEngine
+from rahatback_agent.engines.mysql import MySQLEngine
 from rahatback_agent.engines.postgresql import PostgreSQLEngine
 from rahatback_agent.engines.sqlite import SQLiteEngine
 
@@ -15,6 +16,7 @@ ENGINES: dict[str, Engine] = {
     "sqlite": SQLiteEngine(),
     "mongodb": MongoDBEngine(),
     "mssql": MSSQLEngine(),
+    "mysql": MySQLEngine(),
 }
 
 
