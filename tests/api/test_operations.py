@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from rahatback_api.columns import utcnow
 from rahatback_api.db import session_scope
 from rahatback_api.models import Agent, BackupJob, BackupRun, OutboxMessage
-from rahatback_api.operations import service
+from rahatback_api.operations import reports, service
 from rahatback_contracts import messages as m
 from rahatback_contracts import subjects
 from sqlalchemy import select
@@ -76,9 +76,9 @@ def completed(agent_id: str, run_id: str, **fields: Any) -> m.BackupCompleted:
 async def apply(
     sessions: async_sessionmaker[AsyncSession], subject: str, report: m.Report, msg_id: str
 ) -> bool:
-    agent_id, _, parsed = service.parse_report(subject, report.to_bytes())
+    agent_id, _, parsed = reports.parse_report(subject, report.to_bytes())
     async with session_scope(sessions) as session:
-        return await service.apply_report(session, agent_id, msg_id, parsed)
+        return await reports.apply_report(session, agent_id, msg_id, parsed)
 
 
 async def test_run_now_queues_a_sealed_command_and_refuses_a_second_run(
@@ -134,14 +134,14 @@ async def test_reports_are_checked_applied_once_and_announced_once(
     intruder = await add_agent(tenant)
 
     # another agent cannot report on this run, nor claim to be this agent in the body
-    with pytest.raises(service.UntrustedReport):
+    with pytest.raises(reports.UntrustedReport):
         await apply(
             sessionmaker,
             subjects.agent_report(intruder.id, "backup", "completed"),
             completed(intruder.id, run["id"]),
             "x:1",
         )
-    with pytest.raises(service.UntrustedReport):
+    with pytest.raises(reports.UntrustedReport):
         await apply(
             sessionmaker,
             subjects.agent_report(intruder.id, "backup", "completed"),
@@ -287,7 +287,7 @@ async def test_restore_reports_update_the_restore_and_its_backup(
         error="artifact chunk 3 failed authentication",
     )
     intruder = await add_agent(tenant)
-    with pytest.raises(service.UntrustedReport):
+    with pytest.raises(reports.UntrustedReport):
         await apply(
             sessionmaker,
             subjects.agent_report(intruder.id, "restore", "failed"),

@@ -18,10 +18,12 @@ from rahatback_api.agents.router import router as agents_router
 from rahatback_api.auth.router import router as auth_router
 from rahatback_api.auth.service import bootstrap_admin
 from rahatback_api.backups.router import router as backups_router
+from rahatback_api.context import APP_CONTEXT, AppContext
 from rahatback_api.databases.router import router as databases_router
 from rahatback_api.db import create_engine, create_sessionmaker, run_migrations, session_scope
 from rahatback_api.errors import AppError, install_error_handlers
 from rahatback_api.logs import configure_logging
+from rahatback_api.notifications.router import router as notifications_router
 from rahatback_api.operations.lifespan import nats_lifespan
 from rahatback_api.operations.router import router as operations_router
 from rahatback_api.request_id import RequestIdMiddleware
@@ -48,6 +50,7 @@ ROUTERS: list[APIRouter] = [
     storages_router,
     backups_router,
     operations_router,
+    notifications_router,
 ]
 
 # Extra lifespan steps (NATS connection, outbox relay, consumers), entered in order after the
@@ -64,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     secretbox = SecretBox(
         settings.master_key_bytes(), settings.master_key_id, settings.old_master_key_bytes()
     )
+    settings.check_notifier_public_key()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -71,7 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_migrations(settings.database_url)
         engine = create_engine(settings.database_url)
         app.state.engine = engine
-        app.state.sessionmaker = create_sessionmaker(engine)
+        context = AppContext(secretbox, settings.notifier_public_key, settings.public_url)
+        app.state.sessionmaker = create_sessionmaker(engine, {APP_CONTEXT: context})
         try:
             async with AsyncExitStack() as stack:
                 for hook in LIFESPAN_HOOKS:

@@ -6,8 +6,9 @@ from sqlmodel import SQLModel
 
 from rahatback_api.agents.models import Agent, EnrollmentToken
 from rahatback_api.auth.models import ApiToken, Membership, Organization, User
-from rahatback_api.backups.models import BackupJob, BackupKey, BackupRun, RestoreRun
+from rahatback_api.backups.models import BackupJob, BackupKey, BackupRun, PruneRun, RestoreRun
 from rahatback_api.databases.models import Database
+from rahatback_api.notifications.models import NotificationChannel
 from rahatback_api.outbox.models import OutboxMessage, ProcessedMessage
 from rahatback_api.storages.models import Storage
 
@@ -22,9 +23,11 @@ __all__ = [
     "Database",
     "EnrollmentToken",
     "Membership",
+    "NotificationChannel",
     "Organization",
     "OutboxMessage",
     "ProcessedMessage",
+    "PruneRun",
     "RestoreRun",
     "Storage",
     "User",

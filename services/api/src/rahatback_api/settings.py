@@ -9,6 +9,7 @@ import secrets
 from pathlib import Path
 from typing import Literal
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -36,6 +37,11 @@ class Settings(BaseSettings):
     # a running run that its heartbeating agent no longer lists (or that never progresses) fails after this
     agent_stall_seconds: int = 120
     agent_offline_seconds: int = 30
+    # `backup.overdue` fires this long after a scheduled run should have succeeded and has not
+    overdue_grace_seconds: int = 1800
+    # base64 raw X25519 public key of the notifier (`rahatback-notifier keygen`): webhook URLs and
+    # secrets travel sealed to it; without it only email channels can be used
+    notifier_public_key: str | None = None
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
     login_token_hours: int = 12
@@ -54,6 +60,17 @@ class Settings(BaseSettings):
                 "(or set RAHATBACK_DEV_MODE=true to generate a development key)"
             )
         return _dev_master_key(self.var_dir / "master.key")
+
+    def check_notifier_public_key(self) -> None:
+        if self.notifier_public_key is None:
+            return
+        try:
+            X25519PublicKey.from_public_bytes(base64.b64decode(self.notifier_public_key, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise ConfigurationError(
+                "RAHATBACK_NOTIFIER_PUBLIC_KEY must be the base64 of a raw 32-byte X25519 public key "
+                "(as printed by `rahatback-notifier keygen`)"
+            ) from exc
 
     def old_master_key_bytes(self) -> dict[str, bytes]:
         return {

@@ -14,7 +14,8 @@ from rahatback_api.backups.schedule import check_cron, check_timezone
 from rahatback_api.columns import ID_LENGTH, UTCDateTime, new_id, utcnow
 
 Compression = Literal["zstd", "gzip", "none"]
-RunStatus = Literal["queued", "running", "completed", "partial", "failed", "skipped"]
+# skipped: a scheduled fire found the job still running; missed: the scheduler was down at fire time
+RunStatus = Literal["queued", "running", "completed", "partial", "failed", "skipped", "missed"]
 RestoreStatus = Literal["queued", "running", "completed", "failed"]
 Trigger = Literal["manual", "schedule"]
 
@@ -45,8 +46,22 @@ class BackupJob(SQLModel, table=True):
     cron: str | None = Field(default=None, max_length=120)
     timezone: str = Field(default="UTC", max_length=64)
     enabled: bool = True
+    # when cron/timezone/enabled last changed: the dead-man alert's clock starts here or at a success
+    schedule_set_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # retention (all empty = keep everything); a backup is kept if any rule keeps it
+    keep_last: int | None = None
+    keep_days: int | None = None
+    keep_daily: int | None = None
+    keep_weekly: int | None = None
+    keep_monthly: int | None = None
+    keep_yearly: int | None = None
     last_run_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     last_run_status: str | None = Field(default=None, max_length=16)
+    last_success_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # set when `backup.overdue` was raised, cleared by the next success
+    overdue_since: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_prune_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_prune_error: str | None = Field(default=None, sa_type=Text)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
@@ -121,6 +136,28 @@ class BackupRun(SQLModel, table=True):
     last_progress_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     last_restore_status: str | None = Field(default=None, max_length=16)
     last_restore_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # retention: the prune that is deleting this run's files, when they were gone, or why not
+    prune_id: str | None = Field(default=None, index=True, max_length=ID_LENGTH)
+    pruned_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    prune_error: str | None = Field(default=None, sa_type=Text)
+
+
+class PruneRun(SQLModel, table=True):
+    """One retention pass sent to an agent: which files of which runs it must delete."""
+
+    __tablename__ = "prune_runs"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=ID_LENGTH)
+    org_id: str = Field(foreign_key="organizations.id", index=True, max_length=ID_LENGTH)
+    job_id: str = Field(index=True, max_length=ID_LENGTH)  # no FK: outlives the job
+    storage_id: str = Field(max_length=ID_LENGTH)
+    agent_id: str = Field(max_length=ID_LENGTH)
+    status: str = Field(default="queued", max_length=16)  # queued | completed | partial | failed
+    items: int = 0
+    deleted: int = 0
+    requested_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    error: str | None = Field(default=None, sa_type=Text)
 
 
 class RestoreRun(SQLModel, table=True):
@@ -167,6 +204,27 @@ class _ScheduleFields(BaseModel):
         return None if value is None else check_timezone(value)
 
 
+class RetentionPolicy(BaseModel):
+    """Which successful backups to keep; the others are deleted from storage after each success.
+
+    A backup is kept if ANY rule keeps it; with no rule set everything is kept. The newest
+    successful backup is always kept. Daily/weekly/monthly/yearly keep the newest backup of each of
+    the last K days/ISO weeks/months/years that have one, counted in the job's time zone.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    keep_last: int | None = PydanticField(default=None, ge=1, le=10_000)
+    keep_days: int | None = PydanticField(default=None, ge=1, le=36_500)
+    keep_daily: int | None = PydanticField(default=None, ge=1, le=10_000)
+    keep_weekly: int | None = PydanticField(default=None, ge=1, le=10_000)
+    keep_monthly: int | None = PydanticField(default=None, ge=1, le=10_000)
+    keep_yearly: int | None = PydanticField(default=None, ge=1, le=1_000)
+
+
+RETENTION_FIELDS = tuple(RetentionPolicy.model_fields)
+
+
 class BackupJobCreate(_ScheduleFields):
     model_config = ConfigDict(extra="forbid")  # a misspelt or read-only field is a 422
 
@@ -179,6 +237,7 @@ class BackupJobCreate(_ScheduleFields):
     cron: str | None = None
     timezone: str = "UTC"
     enabled: bool = True
+    retention: RetentionPolicy = PydanticField(default_factory=RetentionPolicy)
 
 
 class BackupJobUpdate(_ScheduleFields):
@@ -193,6 +252,7 @@ class BackupJobUpdate(_ScheduleFields):
     cron: str | None = None  # send null to remove the schedule
     timezone: str | None = None
     enabled: bool | None = None
+    retention: RetentionPolicy | None = None  # replaces the whole policy; {} keeps everything
 
 
 class BackupJobPublic(BaseModel):
@@ -207,8 +267,13 @@ class BackupJobPublic(BaseModel):
     cron: str | None
     timezone: str
     enabled: bool
+    retention: RetentionPolicy
     last_run_at: datetime | None
     last_run_status: str | None
+    last_success_at: datetime | None
+    overdue_since: datetime | None
+    last_prune_at: datetime | None
+    last_prune_error: str | None
     created_at: datetime
     updated_at: datetime
 
@@ -248,6 +313,8 @@ class BackupRunPublic(BaseModel):
     last_progress_at: datetime | None
     last_restore_status: str | None
     last_restore_at: datetime | None
+    pruned_at: datetime | None
+    prune_error: str | None
 
 
 class RestoreRunPublic(BaseModel):

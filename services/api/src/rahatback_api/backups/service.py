@@ -15,6 +15,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 from rahatback_api.backups.models import (
     ACTIVE_RUN_STATUSES,
     COMPRESSION_LEVELS,
+    RETENTION_FIELDS,
     BackupJob,
     BackupJobCreate,
     BackupJobPublic,
@@ -24,11 +25,13 @@ from rahatback_api.backups.models import (
     BackupRunPublic,
     RestoreRun,
     RestoreRunPublic,
+    RetentionPolicy,
 )
 from rahatback_api.columns import new_id, utcnow
 from rahatback_api.databases.models import Database
 from rahatback_api.databases.service import get_database
 from rahatback_api.errors import AppError, Conflict, NotFound
+from rahatback_api.scheduling.kv import enqueue_schedule
 from rahatback_api.security.secretbox import SecretBox
 from rahatback_api.settings_schemas import invalid_field
 from rahatback_api.storages.models import Storage
@@ -70,7 +73,13 @@ async def load_backup_key(session: AsyncSession, box: SecretBox, org_id: str, ke
 
 
 def job_public(job: BackupJob) -> BackupJobPublic:
-    return BackupJobPublic.model_validate(job, from_attributes=True)
+    retention = RetentionPolicy(**{name: getattr(job, name) for name in RETENTION_FIELDS})
+    return BackupJobPublic.model_validate({**job.model_dump(), "retention": retention}, from_attributes=True)
+
+
+def _set_retention(job: BackupJob, policy: RetentionPolicy) -> None:
+    for name in RETENTION_FIELDS:
+        setattr(job, name, getattr(policy, name))
 
 
 def _resolve_level(compression: str, level: int | None) -> int | None:
@@ -136,8 +145,11 @@ async def create_job(session: AsyncSession, box: SecretBox, org_id: str, data: B
         enabled=data.enabled,
         key_id="",
     )
+    _set_retention(job, data.retention)
     new_backup_key(session, box, job)
     session.add(job)
+    if job.cron is not None:
+        enqueue_schedule(session, job)
     await session.flush()
     return job
 
@@ -188,15 +200,22 @@ async def update_job(session: AsyncSession, org_id: str, job_id: str, data: Back
             level = job.compression_level
         job.compression_level = _resolve_level(compression, level)
         job.compression = compression
+    if data.encryption_enabled is not None:
+        job.encryption_enabled = data.encryption_enabled
+    if data.retention is not None:
+        _set_retention(job, data.retention)
+    schedule_before = (job.cron, job.timezone, job.enabled)
     if "cron" in fields:
         job.cron = data.cron
     if data.timezone is not None:
         job.timezone = data.timezone
-    if data.encryption_enabled is not None:
-        job.encryption_enabled = data.encryption_enabled
     if data.enabled is not None:
         job.enabled = data.enabled
     job.updated_at = utcnow()
+    if (job.cron, job.timezone, job.enabled) != schedule_before:
+        job.schedule_set_at = job.updated_at
+        job.overdue_since = None
+        enqueue_schedule(session, job)
     await session.flush()
     return job
 
@@ -215,6 +234,8 @@ async def delete_job(session: AsyncSession, org_id: str, job_id: str) -> None:
         raise Conflict(
             "the job has a queued or running backup; wait for it to finish before deleting the job"
         )
+    if job.cron is not None:
+        enqueue_schedule(session, job, deleted=True)
     await session.delete(job)
     await session.flush()
 

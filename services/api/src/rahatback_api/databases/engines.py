@@ -105,11 +105,26 @@ class MssqlSettings(_Strict):
     _names = field_validator("database", "user", "driver", "backup_dir")(_mssql_name)
 
 
+MysqlSslMode = Literal["disabled", "preferred", "required", "verify_ca", "verify_identity"]
+
+
+class MysqlSettings(_Strict):
+    host: str = Field(min_length=1, max_length=255)
+    port: int = Field(default=3306, ge=1, le=65535)
+    user: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00]*$")
+    database: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00]*$")
+    ssl_mode: MysqlSslMode | None = None  # the agent treats None as "preferred"
+    # a CA bundle on the agent's host, for verify_ca / verify_identity
+    ssl_ca: Annotated[str, AfterValidator(absolute_path)] | None = Field(default=None, max_length=4096)
+    password: str | None = Field(default=None, max_length=1024)  # secret
+
+
 ENGINES: dict[str, SettingsSpec] = {
     "postgresql": SettingsSpec(PostgresqlSettings, frozenset({"password"})),
     "sqlite": SettingsSpec(SqliteSettings, frozenset()),
     "mongodb": SettingsSpec(MongodbSettings, frozenset({"password"})),
     "mssql": SettingsSpec(MssqlSettings, frozenset({"password"})),
+    "mysql": SettingsSpec(MysqlSettings, frozenset({"password"})),
 }
 
-EngineName = Literal["postgresql", "sqlite", "mongodb", "mssql"]
+EngineName = Literal["postgresql", "sqlite", "mongodb", "mssql", "mysql"]

@@ -12,8 +12,9 @@ from nats.aio.client import Client
 from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, RetentionPolicy, StreamConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 from rahatback_contracts import streams
 from rahatback_contracts.messages import Message
 
@@ -109,6 +110,21 @@ class Bus:
                 await self.js.add_stream(config)
         for consumer in (streams.API_REPORTS_CONSUMER, streams.API_CONTROL_CONSUMER):
             await self.ensure_consumer(consumer)
+        for kv in streams.ALL_KEY_VALUES:
+            await self.ensure_key_value(kv)
+
+    async def ensure_key_value(self, spec: streams.KeyValueSpec) -> KeyValue:
+        try:
+            return await self.js.key_value(spec.bucket)
+        except BucketNotFoundError:
+            return await self.js.create_key_value(
+                KeyValueConfig(
+                    bucket=spec.bucket,
+                    description=spec.description,
+                    history=spec.history,
+                    ttl=spec.ttl_seconds or None,
+                )
+            )
 
     async def ensure_consumer(self, spec: streams.ConsumerSpec) -> None:
         await self.js.add_consumer(spec.stream, _consumer_config(spec))
@@ -127,12 +143,20 @@ class Bus:
             raise BusUnavailable("the API is not connected to NATS right now; retry in a moment") from exc
         return reply.data
 
-    async def publish_durable(self, subject: str, payload: bytes, msg_id: str, attempts: int = 5) -> None:
+    async def publish_durable(
+        self,
+        subject: str,
+        payload: bytes,
+        msg_id: str,
+        headers: dict[str, str] | None = None,
+        attempts: int = 5,
+    ) -> None:
         """JetStream publish, retried with the same Msg-Id: a timed-out publish may have been stored."""
         delay = 0.2
+        all_headers = {**(headers or {}), "Nats-Msg-Id": msg_id}
         for attempt in range(1, attempts + 1):
             try:
-                await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
+                await self.js.publish(subject, payload, headers=all_headers, timeout=5)
                 return
             except (NatsTimeoutError, NoRespondersError):
                 if attempt == attempts:

@@ -24,14 +24,22 @@ from .bus import Bus
 log = structlog.get_logger(__name__)
 
 
-def enqueue(session: AsyncSession, subject: str, message: Message, msg_id: str) -> None:
+def enqueue(
+    session: AsyncSession,
+    subject: str,
+    message: Message | None,
+    msg_id: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """`message=None` publishes an empty body (e.g. a KV delete, told by its headers)."""
     session.info[OUTBOX_PENDING] = True
     session.add(
         OutboxMessage(
             id=uuid.uuid4().hex,
             subject=subject,
             msg_id=msg_id,
-            payload=message.model_dump_json(),
+            payload="" if message is None else message.model_dump_json(),
+            headers=headers,
             created_at=datetime.now(UTC),
         )
     )
@@ -80,7 +88,9 @@ class OutboxRelay:
                 if not rows:
                     return published
                 for row in rows:
-                    await self._bus.publish_durable(row.subject, row.payload.encode(), row.msg_id)
+                    await self._bus.publish_durable(
+                        row.subject, row.payload.encode(), row.msg_id, row.headers
+                    )
                     row.published_at = datetime.now(UTC)
                     published += 1
                 await session.commit()

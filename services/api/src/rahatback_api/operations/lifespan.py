@@ -6,14 +6,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
+import structlog
 from fastapi import FastAPI
+from rahatback_api.db import session_scope
 from rahatback_api.messaging.bus import Bus
 from rahatback_api.messaging.live import LiveHub
 from rahatback_api.messaging.outbox import OutboxRelay
 from rahatback_api.models import Agent
+from rahatback_api.scheduling.kv import reconcile_schedules
 from rahatback_api.settings import Settings
 
 from .workers import Workers
+
+log = structlog.get_logger(__name__)
 
 
 @asynccontextmanager
@@ -27,6 +32,9 @@ async def nats_lifespan(app: FastAPI) -> AsyncIterator[None]:
             agent = await session.get(Agent, agent_id)
             return agent.org_id if agent is not None else None
 
+    async with session_scope(sessions) as session:
+        changed = await reconcile_schedules(session, bus)
+    log.info("schedules.reconciled", changed=changed)
     relay = OutboxRelay(sessions, bus)
     hub = LiveHub(org_of_agent)
     await hub.start(bus)
@@ -35,8 +43,10 @@ async def nats_lifespan(app: FastAPI) -> AsyncIterator[None]:
         bus,
         relay,
         hub,
+        box=app.state.secretbox,
         stall_after=timedelta(seconds=settings.agent_stall_seconds),
         offline_after=timedelta(seconds=settings.agent_offline_seconds),
+        overdue_grace=timedelta(seconds=settings.overdue_grace_seconds),
     )
     app.state.bus = bus
     app.state.live_hub = hub

@@ -23,12 +23,13 @@ from rahatback_api.databases.service import database_secrets
 from rahatback_api.errors import AppError, Conflict
 from rahatback_api.messaging.bus import AgentOffline, AgentTimeout, Bus, BusUnavailable
 from rahatback_api.messaging.outbox import enqueue
-from rahatback_contracts.sealing import seal
-from rahatback_api.models import Agent, BackupJob, BackupRun, Database, ProcessedMessage, RestoreRun, Storage
+from rahatback_api.models import Agent, BackupJob, BackupRun, Database, RestoreRun, Storage
+from rahatback_api.notifications.service import enqueue_event
 from rahatback_api.security.secretbox import SecretBox
 from rahatback_api.storages.service import storage_secrets
 from rahatback_contracts import messages as m
 from rahatback_contracts import subjects
+from rahatback_contracts.sealing import seal
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
@@ -221,7 +222,7 @@ def saved_storage_target(box: SecretBox, storage: Storage, agent: Agent, info: s
     )
 
 
-def _command_envelope(org_id: str) -> dict[str, Any]:
+def command_envelope(org_id: str) -> dict[str, Any]:
     issued = utcnow()
     return {"command_id": new_id(), "org_id": org_id, "issued_at": issued, "expires_at": issued + COMMAND_TTL}
 
@@ -277,7 +278,7 @@ async def start_backup(
     if job.encryption_enabled:
         encryption = await _sealed_key(session, box, agent, job.org_id, job.key_id, info)
     command = m.BackupCommand(
-        **_command_envelope(job.org_id),
+        **command_envelope(job.org_id),
         run_id=run.id,
         job_id=job.id,
         database=saved_database_target(box, db, agent, info),
@@ -304,6 +305,9 @@ async def start_restore(
 ) -> RestoreRun:
     if run.status not in ("completed", "partial") or not run.storage_key:
         raise Conflict(f"backup run {run.id} has no artifact to restore (status {run.status})")
+    if run.pruned_at is not None or run.prune_id is not None:
+        when = f"at {run.pruned_at.isoformat()}" if run.pruned_at else "right now"
+        raise Conflict(f"backup run {run.id} was deleted from storage by the job's retention policy {when}")
     source_db = await session.get(Database, run.database_id)
     if source_db is not None and source_db.engine != target.engine:
         raise AppError(
@@ -350,7 +354,7 @@ async def start_restore(
             raise Conflict(f"backup run {run.id} is encrypted but records no key id")
         encryption = await _sealed_key(session, box, agent, run.org_id, run.key_id, info)
     command = m.RestoreCommand(
-        **_command_envelope(run.org_id),
+        **command_envelope(run.org_id),
         restore_id=restore.id,
         backup_run_id=run.id,
         database=saved_database_target(box, target, agent, info),
@@ -367,142 +371,18 @@ async def start_restore(
     return restore
 
 
-# --------------------------------------------------------------------------------- agent reports
-
-REPORT_MODELS: dict[str, type[m.Report]] = {
-    "backup.started": m.BackupStarted,
-    "backup.completed": m.BackupCompleted,
-    "backup.failed": m.BackupFailed,
-    "restore.started": m.RestoreStarted,
-    "restore.completed": m.RestoreCompleted,
-    "restore.failed": m.RestoreFailed,
-}
+# --------------------------------------------------------------------------------- run records
 
 
 class UntrustedReport(Exception):
     """A report that is malformed or about a run the reporting agent does not own: dropped, logged."""
 
 
-def parse_report(subject: str, data: bytes) -> tuple[str, str, m.Report]:
-    """(agent id from the subject — NATS permissions bind it —, report kind, parsed body)."""
-    try:
-        agent_id = subjects.agent_id_of(subject)
-    except ValueError as exc:
-        raise UntrustedReport(str(exc)) from exc
-    kind = ".".join(subject.split(".")[3:])
-    model = REPORT_MODELS.get(kind)
-    if model is None:
-        raise UntrustedReport(f"unknown report subject {subject!r}")
-    try:
-        report = model.model_validate_json(data)
-    except ValueError as exc:
-        raise UntrustedReport(f"malformed {kind} report: {exc}") from exc
-    if report.agent_id != agent_id:
-        raise UntrustedReport(f"report body claims agent {report.agent_id}, subject says {agent_id}")
-    return agent_id, kind, report
+async def active_backup_of(session: AsyncSession, job_id: str) -> str | None:
+    return await _first_active(session, BackupRun, job_id=job_id)
 
 
-async def apply_report(session: AsyncSession, agent_id: str, msg_id: str, report: m.Report) -> bool:
-    """Apply one report; False if it was already applied (re-delivery) or changes nothing."""
-    key = f"{agent_id}:{msg_id}"
-    if await session.get(ProcessedMessage, key) is not None:
-        return False
-    session.add(ProcessedMessage(msg_id=key, processed_at=utcnow()))
-    if isinstance(report, m.BackupStarted | m.BackupCompleted | m.BackupFailed):
-        changed = await _apply_backup_report(session, agent_id, report)
-    elif isinstance(report, m.RestoreStarted | m.RestoreCompleted | m.RestoreFailed):
-        changed = await _apply_restore_report(session, agent_id, report)
-    else:  # pragma: no cover - parse_report only yields the kinds above
-        raise UntrustedReport(f"unexpected report {type(report).__name__}")
-    await session.flush()
-    return changed
-
-
-async def _owned_run(session: AsyncSession, agent_id: str, run_id: str) -> BackupRun:
-    run = await session.get(BackupRun, run_id, with_for_update=True)
-    if run is None or run.agent_id != agent_id:
-        raise UntrustedReport(f"agent {agent_id} reported on run {run_id} it was not given")
-    return run
-
-
-async def _apply_backup_report(
-    session: AsyncSession, agent_id: str, report: m.BackupStarted | m.BackupCompleted | m.BackupFailed
-) -> bool:
-    run = await _owned_run(session, agent_id, report.run_id)
-    job = await session.get(BackupJob, run.job_id)
-    if isinstance(report, m.BackupStarted):
-        if run.status != "queued":
-            return False
-        run.status, run.stage = "running", "dumping"
-        run.started_at = report.occurred_at
-        run.last_progress_at = utcnow()
-        run.agent_version = report.agent_version
-        event_type = "backup.started"
-    elif isinstance(report, m.BackupCompleted):
-        # An agent sends one terminal report per run, so a completion for a failed run means our
-        # watchdog gave up too early (e.g. a NATS outage): the artifact exists, the agent is right.
-        if run.status not in (*ACTIVE_RUN_STATUSES, "failed"):
-            return False
-        run.status, run.stage = "completed", None
-        run.started_at = run.started_at or report.started_at
-        run.finished_at = report.finished_at
-        run.duration_ms = _duration_ms(report.started_at, report.finished_at)
-        run.storage_key, run.manifest_key = report.storage_key, report.manifest_key
-        run.dump_size, run.artifact_size = report.dump_size, report.artifact_size
-        run.dump_sha256, run.artifact_sha256 = report.dump_sha256, report.artifact_sha256
-        run.server_version, run.dump_format = report.server_version, report.dump_format
-        run.agent_version = report.agent_version
-        run.bytes_done = report.dump_size
-        run.error = None
-        event_type = "backup.completed"
-    else:
-        if run.status not in ACTIVE_RUN_STATUSES:
-            return False
-        fail_run(run, report.error, at=report.occurred_at)
-        event_type = "backup.failed"
-    if job is not None:
-        job.last_run_status = run.status
-    await enqueue_backup_event(session, run, event_type)
-    return True
-
-
-async def _apply_restore_report(
-    session: AsyncSession, agent_id: str, report: m.RestoreStarted | m.RestoreCompleted | m.RestoreFailed
-) -> bool:
-    restore = await session.get(RestoreRun, report.restore_id, with_for_update=True)
-    if restore is None or restore.agent_id != agent_id:
-        raise UntrustedReport(f"agent {agent_id} reported on restore {report.restore_id} it was not given")
-    if isinstance(report, m.RestoreStarted):
-        if restore.status != "queued":
-            return False
-        restore.status = "running"
-        restore.started_at = report.occurred_at
-        restore.last_progress_at = utcnow()
-        event_type = "restore.started"
-    elif isinstance(report, m.RestoreCompleted):
-        if restore.status not in (*ACTIVE_RUN_STATUSES, "failed"):  # see the backup case
-            return False
-        restore.status = "completed"
-        restore.started_at = restore.started_at or report.started_at
-        restore.finished_at = report.finished_at
-        restore.duration_ms = _duration_ms(report.started_at, report.finished_at)
-        restore.bytes_restored = report.bytes_restored
-        restore.error = None
-        event_type = "restore.completed"
-    else:
-        if restore.status not in ACTIVE_RUN_STATUSES:
-            return False
-        fail_restore(restore, report.error, at=report.occurred_at)
-        event_type = "restore.failed"
-    backup = await session.get(BackupRun, restore.backup_run_id)
-    if backup is not None:
-        backup.last_restore_status = restore.status
-        backup.last_restore_at = utcnow()
-    await enqueue_restore_event(session, restore, event_type)
-    return True
-
-
-def _duration_ms(start: datetime | None, end: datetime | None) -> int | None:
+def duration_ms(start: datetime | None, end: datetime | None) -> int | None:
     if start is None or end is None:
         return None
     return max(0, int((end - start).total_seconds() * 1000))
@@ -512,19 +392,20 @@ def fail_run(run: BackupRun, error: str, at: datetime | None = None) -> None:
     run.status = "failed"
     run.error = error
     run.finished_at = at or utcnow()
-    run.duration_ms = _duration_ms(run.started_at, run.finished_at)
+    run.duration_ms = duration_ms(run.started_at, run.finished_at)
 
 
 def fail_restore(restore: RestoreRun, error: str, at: datetime | None = None) -> None:
     restore.status = "failed"
     restore.error = error
     restore.finished_at = at or utcnow()
-    restore.duration_ms = _duration_ms(restore.started_at, restore.finished_at)
+    restore.duration_ms = duration_ms(restore.started_at, restore.finished_at)
 
 
 async def enqueue_backup_event(session: AsyncSession, run: BackupRun, event_type: str) -> None:
-    job = await session.get(BackupJob, run.job_id)
+    job = await session.get(BackupJob, run.job_id) if run.job_id else None
     db = await session.get(Database, run.database_id)
+    storage = await session.get(Storage, run.storage_id)
     event = m.BackupEvent(
         event_id=new_id(),
         type=event_type,
@@ -541,13 +422,18 @@ async def enqueue_backup_event(session: AsyncSession, run: BackupRun, event_type
         artifact_size=run.artifact_size,
         duration_ms=run.duration_ms,
         storage_key=run.storage_key,
+        storage_name=storage.name if storage else None,
         error=run.error,
     )
-    enqueue(session, subjects.event_subject(event_type), event, f"{run.id}:{event_type}")
+    await enqueue_event(
+        session, event, f"{run.id}:{event_type}", job_id=run.job_id, link_path=f"/v1/backups/history/{run.id}"
+    )
 
 
 async def enqueue_restore_event(session: AsyncSession, restore: RestoreRun, event_type: str) -> None:
     db = await session.get(Database, restore.database_id)
+    backup = await session.get(BackupRun, restore.backup_run_id)
+    job = await session.get(BackupJob, backup.job_id) if backup and backup.job_id else None
     event = m.RestoreEvent(
         event_id=new_id(),
         type=event_type,
@@ -555,13 +441,21 @@ async def enqueue_restore_event(session: AsyncSession, restore: RestoreRun, even
         occurred_at=utcnow(),
         restore_id=restore.id,
         backup_run_id=restore.backup_run_id,
+        job_id=job.id if job else None,
+        job_name=job.name if job else None,
         database_id=restore.database_id,
         database_name=db.name if db else "(deleted database)",
         status=restore.status,
         duration_ms=restore.duration_ms,
         error=restore.error,
     )
-    enqueue(session, subjects.event_subject(event_type), event, f"{restore.id}:{event_type}")
+    await enqueue_event(
+        session,
+        event,
+        f"{restore.id}:{event_type}",
+        job_id=job.id if job else None,
+        link_path=f"/v1/backups/restores/{restore.id}",
+    )
 
 
 # ------------------------------------------------------------------------ presence and watchdog
@@ -579,7 +473,7 @@ async def record_heartbeat(
     agent.engines = list(heartbeat.engines)
     agent.storages = list(heartbeat.storages)
     if not was_online:
-        _enqueue_presence(session, agent, online=True, since=previously_seen or agent.last_seen_at)
+        await _enqueue_presence(session, agent, online=True, since=previously_seen or agent.last_seen_at)
     # A run the agent lists is alive even when no bytes move (psql building an index, pg_dump
     # waiting for a lock); only a run the agent no longer knows about goes stale.
     for model in (BackupRun, RestoreRun):
@@ -594,7 +488,7 @@ async def record_heartbeat(
         )
 
 
-def _enqueue_presence(session: AsyncSession, agent: Agent, *, online: bool, since: datetime) -> None:
+async def _enqueue_presence(session: AsyncSession, agent: Agent, *, online: bool, since: datetime) -> None:
     event_type = "presence.online" if online else "presence.offline"
     event = m.PresenceEvent(
         event_id=new_id(),
@@ -605,7 +499,7 @@ def _enqueue_presence(session: AsyncSession, agent: Agent, *, online: bool, sinc
         agent_name=agent.name,
         online=online,
     )
-    enqueue(session, event_type, event, f"{agent.id}:{event_type}:{since.isoformat()}")
+    await enqueue_event(session, event, f"{agent.id}:{event_type}:{since.isoformat()}")
 
 
 async def record_progress(session: AsyncSession, progress: m.Progress, agent_id: str) -> None:
@@ -692,5 +586,5 @@ async def sweep_stalled(
             and seen is not None
             and (offline_after < moment - seen <= offline_after + 3 * SWEEP_INTERVAL)
         ):
-            _enqueue_presence(session, agent, online=False, since=seen)
+            await _enqueue_presence(session, agent, online=False, since=seen)
     return failed

@@ -1,4 +1,5 @@
-"""The API's background work: consume agent reports, record presence/progress, fail stalled runs.
+"""The API's background work: consume agent reports and scheduled requests, record presence and
+progress, fail stalled runs, raise overdue alerts.
 
 Each loop opens its own session per unit of work and commits it before acknowledging, so a crash
 at any point leads to a re-delivery that `apply_report` recognises and ignores.
@@ -17,11 +18,13 @@ from rahatback_api.db import session_scope
 from rahatback_api.messaging.bus import Bus
 from rahatback_api.messaging.live import LiveHub
 from rahatback_api.messaging.outbox import OutboxRelay
+from rahatback_api.scheduling import service as scheduling
+from rahatback_api.security.secretbox import SecretBox
 from rahatback_contracts import messages as m
 from rahatback_contracts import streams, subjects
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from . import service
+from . import reports, service
 
 log = structlog.get_logger(__name__)
 
@@ -37,10 +40,14 @@ class Workers:
         relay: OutboxRelay,
         hub: LiveHub,
         *,
+        box: SecretBox,
         stall_after: timedelta,
         offline_after: timedelta,
+        overdue_grace: timedelta,
     ) -> None:
         self.sessions = sessions
+        self.box = box
+        self.overdue_grace = overdue_grace
         self.bus = bus
         self.relay = relay
         self.hub = hub
@@ -57,6 +64,7 @@ class Workers:
         await self.bus.nc.subscribe(subjects.ALL_PROGRESS, cb=self._on_progress)
         for name, loop in (
             ("reports", self._consume_reports),
+            ("control", self._consume_control),
             ("watchdog", self._watchdog),
             ("outbox", lambda: self.relay.run(self._stopping)),
         ):
@@ -84,25 +92,30 @@ class Workers:
 
     # -------------------------------------------------------------------------------- reports
 
-    async def _consume_reports(self) -> None:
-        spec = streams.API_REPORTS_CONSUMER
+    async def _consume(self, spec: streams.ConsumerSpec, handle: Callable[[Msg], Awaitable[None]]) -> None:
         sub = await self.bus.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
         while not self._stopping.is_set():
             try:
-                # one at a time: a batch fetch lingers until the batch fills or times out, delaying reports
+                # one at a time: a batch fetch lingers until the batch fills or times out, delaying work
                 batch = await sub.fetch(1, timeout=5)
             except NatsTimeoutError:
                 continue
             for msg in batch:
-                await self.handle_report(msg)
+                await handle(msg)
+
+    async def _consume_reports(self) -> None:
+        await self._consume(streams.API_REPORTS_CONSUMER, self.handle_report)
+
+    async def _consume_control(self) -> None:
+        await self._consume(streams.API_CONTROL_CONSUMER, self.handle_control)
 
     async def handle_report(self, msg: Msg) -> None:
-        msg_id = (msg.headers or {}).get("Nats-Msg-Id") or f"seq:{msg.metadata.sequence.stream}"
+        msg_id = _msg_id(msg)
         try:
-            agent_id, kind, report = service.parse_report(msg.subject, msg.data)
+            agent_id, kind, report = reports.parse_report(msg.subject, msg.data)
             async with session_scope(self.sessions) as session:
-                changed = await service.apply_report(session, agent_id, msg_id, report)
-        except service.UntrustedReport as exc:
+                changed = await reports.apply_report(session, agent_id, msg_id, report)
+        except reports.UntrustedReport as exc:
             log.warning("report.rejected", subject=msg.subject, reason=str(exc))
             await msg.term()
             return
@@ -115,6 +128,31 @@ class Workers:
         if changed:
             self.relay.kick()
         log.info("report.applied", subject=msg.subject, kind=kind, changed=changed)
+
+    async def handle_control(self, msg: Msg) -> None:
+        """`backup.requested` from the scheduler: run the job like "run now" (or record why not)."""
+        if msg.subject != subjects.BACKUP_REQUESTED:
+            log.warning("control.unsupported", subject=msg.subject)  # verify.requested: not yet
+            await msg.term()
+            return
+        try:
+            request = m.BackupRequested.from_bytes(msg.data)
+        except ValueError as exc:
+            log.warning("control.malformed", subject=msg.subject, error=str(exc))
+            await msg.term()
+            return
+        try:
+            async with session_scope(self.sessions) as session:
+                run = await scheduling.handle_backup_requested(
+                    session, self.box, request, _msg_id(msg), offline_after=self.offline_after
+                )
+        except Exception:
+            log.exception("control.failed", job_id=request.job_id)
+            await msg.nak(delay=min(2.0 * msg.metadata.num_delivered, 30.0))
+            return
+        await msg.ack()
+        self.relay.kick()
+        log.info("control.applied", job_id=request.job_id, run_id=run.id if run else None)
 
     # ------------------------------------------------------------------- presence and progress
 
@@ -163,7 +201,13 @@ class Workers:
                 failed = await service.sweep_stalled(
                     session, stall_after=self.stall_after, offline_after=self.offline_after
                 )
-            if failed:
+            async with session_scope(self.sessions) as session:
+                overdue = await scheduling.sweep_overdue(session, self.overdue_grace)
+            if failed or overdue:
                 self.relay.kick()
             if len(self._progress_written) > 10_000:  # finished runs' entries are never needed again
                 self._progress_written.clear()
+
+
+def _msg_id(msg: Msg) -> str:
+    return (msg.headers or {}).get("Nats-Msg-Id") or f"seq:{msg.metadata.sequence.stream}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Text
+from sqlalchemy import JSON, Text
 from sqlmodel import Field, SQLModel
 
 from rahatback_api.columns import ID_LENGTH, UTCDateTime, new_id, utcnow
@@ -23,6 +23,7 @@ class OutboxMessage(SQLModel, table=True):
     subject: str = Field(max_length=255)
     msg_id: str = Field(max_length=255, unique=True)
     payload: str = Field(sa_type=Text)  # the JSON message body
+    headers: dict[str, str] | None = Field(default=None, sa_type=JSON)  # besides Nats-Msg-Id
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
     published_at: datetime | None = Field(default=None, sa_type=UTCDateTime, index=True)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from rahatback_api.settings_schemas import SettingsSpec, absolute_path
 
@@ -15,8 +18,93 @@ class LocalSettings(BaseModel):
     path: Annotated[str, AfterValidator(absolute_path)] = Field(min_length=1, max_length=4096)
 
 
+_AWS_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+# with an endpoint_url (an S3-compatible: B2, MinIO, ...) capitals and underscores are accepted too
+_COMPATIBLE_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")
+_AWS_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_AWS_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+
+
+def _s3_prefix(value: str) -> str:
+    """Normalised to `a/b` (no leading, trailing or doubled slashes): the agent builds keys from it."""
+    if "\\" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain backslashes or control characters")
+    parts = [part for part in value.strip().split("/") if part]
+    if any(part in (".", "..") for part in parts):
+        raise ValueError("must not contain '.' or '..' segments")
+    return "/".join(parts)
+
+
+def _http_url(value: str) -> str:
+    parsed = urlsplit(value.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError("must be an http:// or https:// URL, such as https://s3.eu-central-1.wasabisys.com")
+    if parsed.username is not None or parsed.password is not None:
+        raise ValueError("must not contain credentials: use access_key_id and secret_access_key")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        raise ValueError("must be only scheme, host and port (no path, query or fragment)")
+    _ = parsed.port  # raises ValueError for a port that is not a number in range
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
+class S3Settings(BaseModel):
+    """AWS S3 or an S3-compatible (MinIO, Cloudflare R2, Wasabi, Backblaze B2: set endpoint_url).
+    The access key id is shown like any setting (it names the key, as the AWS console does); the
+    secret access key and session token are secrets: write-only, encrypted, sealed to the agent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint_url: Annotated[str, AfterValidator(_http_url)] | None = Field(default=None, max_length=2048)
+    bucket: str = Field(min_length=3, max_length=63)
+    prefix: Annotated[str, AfterValidator(_s3_prefix)] = Field(default="", max_length=512)
+    region: str = Field(default="us-east-1", pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$", max_length=32)
+    path_style: bool = False
+    storage_class: (
+        Literal[
+            "STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR", "REDUCED_REDUNDANCY"
+        ]
+        | None
+    ) = None  # no GLACIER/DEEP_ARCHIVE: their objects cannot be read back without a separate restore
+    sse: Literal["none", "AES256", "aws:kms"] = "none"
+    kms_key_id: str | None = Field(default=None, min_length=1, max_length=2048, pattern=r"^[!-~]+$")
+    access_key_id: str = Field(min_length=3, max_length=128, pattern=r"^[!-~]+$")
+    secret_access_key: str = Field(min_length=1, max_length=512, pattern=r"^[!-~]+$")
+    session_token: str | None = Field(default=None, min_length=1, max_length=8192, pattern=r"^[!-~]+$")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("endpoint_url"):
+            if not _COMPATIBLE_BUCKET.fullmatch(value):
+                raise ValueError("must be 3-63 letters, digits, '.', '-' or '_', starting and ending alnum")
+            return value
+        if not _AWS_BUCKET.fullmatch(value):
+            raise ValueError(
+                "must be 3-63 lowercase letters, digits, '.' or '-', starting and ending alphanumeric"
+            )
+        if (
+            ".." in value
+            or value.startswith(_AWS_RESERVED_PREFIXES)
+            or value.endswith(_AWS_RESERVED_SUFFIXES)
+        ):
+            raise ValueError("is not a valid S3 bucket name ('..' or a prefix/suffix AWS reserves)")
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            return value
+        raise ValueError("must not look like an IP address")
+
+    @field_validator("kms_key_id")
+    @classmethod
+    def _kms_needs_sse_kms(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("sse") != "aws:kms":
+            raise ValueError("is only used with sse 'aws:kms'")
+        return value
+
+
 KINDS: dict[str, SettingsSpec] = {
     "local": SettingsSpec(LocalSettings, frozenset()),
+    "s3": SettingsSpec(S3Settings, frozenset({"secret_access_key", "session_token"})),
 }
 
-StorageKindName = Literal["local"]
+StorageKindName = Literal["local", "s3"]

@@ -1,0 +1,161 @@
+"""Agent reports: untrusted input, checked (ownership, legal transitions) and applied idempotently."""
+
+from __future__ import annotations
+
+from rahatback_api.backups.models import ACTIVE_RUN_STATUSES
+from rahatback_api.columns import utcnow
+from rahatback_api.context import app_context
+from rahatback_api.models import BackupJob, BackupRun, ProcessedMessage, RestoreRun
+from rahatback_api.retention import service as retention
+from rahatback_contracts import messages as m
+from rahatback_contracts import subjects
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .service import (
+    UntrustedReport,
+    duration_ms,
+    enqueue_backup_event,
+    enqueue_restore_event,
+    fail_restore,
+    fail_run,
+)
+
+__all__ = ["REPORT_MODELS", "UntrustedReport", "apply_report", "parse_report"]
+
+REPORT_MODELS: dict[str, type[m.Report]] = {
+    "backup.started": m.BackupStarted,
+    "backup.completed": m.BackupCompleted,
+    "backup.failed": m.BackupFailed,
+    "restore.started": m.RestoreStarted,
+    "restore.completed": m.RestoreCompleted,
+    "restore.failed": m.RestoreFailed,
+    "prune.completed": m.PruneCompleted,
+    "prune.failed": m.PruneFailed,
+}
+
+
+def parse_report(subject: str, data: bytes) -> tuple[str, str, m.Report]:
+    """(agent id from the subject — NATS permissions bind it —, report kind, parsed body)."""
+    try:
+        agent_id = subjects.agent_id_of(subject)
+    except ValueError as exc:
+        raise UntrustedReport(str(exc)) from exc
+    kind = ".".join(subject.split(".")[3:])
+    model = REPORT_MODELS.get(kind)
+    if model is None:
+        raise UntrustedReport(f"unknown report subject {subject!r}")
+    try:
+        report = model.model_validate_json(data)
+    except ValueError as exc:
+        raise UntrustedReport(f"malformed {kind} report: {exc}") from exc
+    if report.agent_id != agent_id:
+        raise UntrustedReport(f"report body claims agent {report.agent_id}, subject says {agent_id}")
+    return agent_id, kind, report
+
+
+async def apply_report(session: AsyncSession, agent_id: str, msg_id: str, report: m.Report) -> bool:
+    """Apply one report; False if it was already applied (re-delivery) or changes nothing."""
+    key = f"{agent_id}:{msg_id}"
+    if await session.get(ProcessedMessage, key) is not None:
+        return False
+    session.add(ProcessedMessage(msg_id=key, processed_at=utcnow()))
+    if isinstance(report, m.BackupStarted | m.BackupCompleted | m.BackupFailed):
+        changed = await _apply_backup_report(session, agent_id, report)
+    elif isinstance(report, m.RestoreStarted | m.RestoreCompleted | m.RestoreFailed):
+        changed = await _apply_restore_report(session, agent_id, report)
+    elif isinstance(report, m.PruneCompleted | m.PruneFailed):
+        changed = await retention.apply_prune_report(session, agent_id, report)
+    else:  # pragma: no cover - parse_report only yields the kinds above
+        raise UntrustedReport(f"unexpected report {type(report).__name__}")
+    await session.flush()
+    return changed
+
+
+async def _owned_run(session: AsyncSession, agent_id: str, run_id: str) -> BackupRun:
+    run = await session.get(BackupRun, run_id, with_for_update=True)
+    if run is None or run.agent_id != agent_id:
+        raise UntrustedReport(f"agent {agent_id} reported on run {run_id} it was not given")
+    return run
+
+
+async def _apply_backup_report(
+    session: AsyncSession, agent_id: str, report: m.BackupStarted | m.BackupCompleted | m.BackupFailed
+) -> bool:
+    run = await _owned_run(session, agent_id, report.run_id)
+    job = await session.get(BackupJob, run.job_id)
+    if isinstance(report, m.BackupStarted):
+        if run.status != "queued":
+            return False
+        run.status, run.stage = "running", "dumping"
+        run.started_at = report.occurred_at
+        run.last_progress_at = utcnow()
+        run.agent_version = report.agent_version
+        event_type = "backup.started"
+    elif isinstance(report, m.BackupCompleted):
+        # An agent sends one terminal report per run, so a completion for a failed run means our
+        # watchdog gave up too early (e.g. a NATS outage): the artifact exists, the agent is right.
+        if run.status not in (*ACTIVE_RUN_STATUSES, "failed"):
+            return False
+        run.status, run.stage = "completed", None
+        run.started_at = run.started_at or report.started_at
+        run.finished_at = report.finished_at
+        run.duration_ms = duration_ms(report.started_at, report.finished_at)
+        run.storage_key, run.manifest_key = report.storage_key, report.manifest_key
+        run.dump_size, run.artifact_size = report.dump_size, report.artifact_size
+        run.dump_sha256, run.artifact_sha256 = report.dump_sha256, report.artifact_sha256
+        run.server_version, run.dump_format = report.server_version, report.dump_format
+        run.agent_version = report.agent_version
+        run.bytes_done = report.dump_size
+        run.error = None
+        event_type = "backup.completed"
+        if job is not None:
+            job.last_success_at = report.finished_at
+            job.overdue_since = None
+    else:
+        if run.status not in ACTIVE_RUN_STATUSES:
+            return False
+        fail_run(run, report.error, at=report.occurred_at)
+        event_type = "backup.failed"
+    if job is not None:
+        job.last_run_status = run.status
+    await enqueue_backup_event(session, run, event_type)
+    if event_type == "backup.completed" and job is not None:
+        # only a success moves retention: a failed run never expires anything
+        await retention.apply_retention(session, app_context(session).box, job, run)
+    return True
+
+
+async def _apply_restore_report(
+    session: AsyncSession, agent_id: str, report: m.RestoreStarted | m.RestoreCompleted | m.RestoreFailed
+) -> bool:
+    restore = await session.get(RestoreRun, report.restore_id, with_for_update=True)
+    if restore is None or restore.agent_id != agent_id:
+        raise UntrustedReport(f"agent {agent_id} reported on restore {report.restore_id} it was not given")
+    if isinstance(report, m.RestoreStarted):
+        if restore.status != "queued":
+            return False
+        restore.status = "running"
+        restore.started_at = report.occurred_at
+        restore.last_progress_at = utcnow()
+        event_type = "restore.started"
+    elif isinstance(report, m.RestoreCompleted):
+        if restore.status not in (*ACTIVE_RUN_STATUSES, "failed"):  # see the backup case
+            return False
+        restore.status = "completed"
+        restore.started_at = restore.started_at or report.started_at
+        restore.finished_at = report.finished_at
+        restore.duration_ms = duration_ms(report.started_at, report.finished_at)
+        restore.bytes_restored = report.bytes_restored
+        restore.error = None
+        event_type = "restore.completed"
+    else:
+        if restore.status not in ACTIVE_RUN_STATUSES:
+            return False
+        fail_restore(restore, report.error, at=report.occurred_at)
+        event_type = "restore.failed"
+    backup = await session.get(BackupRun, restore.backup_run_id)
+    if backup is not None:
+        backup.last_restore_status = restore.status
+        backup.last_restore_at = utcnow()
+    await enqueue_restore_event(session, restore, event_type)
+    return True
