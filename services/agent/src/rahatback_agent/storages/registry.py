@@ -16,8 +16,15 @@ def _local(settings: dict[str, Any], secrets: dict[str, Any]) -> Storage:
     return LocalStorage.from_settings(settings)
 
 
+def _gdrive(settings: dict[str, Any], secrets: dict[str, Any]) -> Storage:
+    from .gdrive import GDriveStorage
+
+    return GDriveStorage.from_settings(settings, secrets)
+
+
 _FACTORIES: dict[str, Callable[[dict[str, Any], dict[str, Any]], Storage]] = {
     "local": _local,
+    "gdrive": _gdrive,
 }
 
 SUPPORTED_KINDS: tuple[str, ...] = tuple(_FACTORIES)
