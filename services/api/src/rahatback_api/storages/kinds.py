@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rahatback_api.settings_schemas import SettingsSpec, absolute_path
 
@@ -102,9 +111,82 @@ class S3Settings(BaseModel):
         return value
 
 
+def _drive_url(value: str) -> str:
+    parsed = urlsplit(value.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    if parsed.username is not None or parsed.password is not None:
+        raise ValueError("must not contain credentials")
+    if parsed.query or parsed.fragment:
+        raise ValueError("must not have a query or fragment")
+    _ = parsed.port  # raises ValueError for a port that is not a number in range
+    return value.strip()
+
+
+_DRIVE_CHUNK = 256 * 1024
+
+
+class GDriveSettings(BaseModel):
+    """Google Drive: a folder (its id, from the folder's URL) as the root; a service account (its
+    JSON key file) or an OAuth client (client id + secret and a refresh token). The key file,
+    client secret and refresh token are secrets: write-only, encrypted, sealed to the agent.
+    Switching auth_mode drops the other mode's stored credentials."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    folder_id: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_-]+$")
+    auth_mode: Literal["service_account", "oauth"] = "service_account"
+    client_id: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[!-~]+$")
+    # OAuth mode only (a service account's key file names its own); default Google's
+    token_uri: Annotated[str, AfterValidator(_drive_url)] | None = Field(default=None, max_length=2048)
+    # the Drive API base URL as google-api-python-client takes it, e.g. https://www.googleapis.com/drive/v3/
+    api_endpoint: Annotated[str, AfterValidator(_drive_url)] | None = Field(default=None, max_length=2048)
+    chunk_size: int | None = Field(
+        default=None, ge=_DRIVE_CHUNK, le=1024 * _DRIVE_CHUNK, multiple_of=_DRIVE_CHUNK
+    )  # bytes per upload request; the agent's default is 8 MiB
+    service_account_json: str | None = Field(default=None, min_length=2, max_length=16384)  # secret
+    client_secret: str | None = Field(default=None, min_length=1, max_length=512)  # secret
+    refresh_token: str | None = Field(default=None, min_length=1, max_length=2048)  # secret
+
+    @field_validator("service_account_json")
+    @classmethod
+    def _key_file(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            info = json.loads(value)
+        except ValueError:
+            raise ValueError("must be the service account's JSON key file, as Google issued it") from None
+        if not isinstance(info, dict) or info.get("type") != "service_account":
+            raise ValueError('must be a JSON key file with "type": "service_account"')
+        missing = [
+            f for f in ("client_email", "private_key", "token_uri") if not isinstance(info.get(f), str)
+        ]
+        if missing:
+            raise ValueError(f"lacks {', '.join(missing)}")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials_of_the_mode(self) -> GDriveSettings:
+        # on an update the stored secrets are merged in before this runs, so omitted ones count
+        if self.auth_mode == "service_account":
+            if self.service_account_json is None:
+                raise ValueError("auth_mode 'service_account' needs service_account_json (the JSON key file)")
+            self.client_id = self.client_secret = self.refresh_token = self.token_uri = None
+        else:
+            missing = [n for n in ("client_id", "client_secret", "refresh_token") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"auth_mode 'oauth' needs {', '.join(missing)}")
+            self.service_account_json = None
+        return self
+
+
 KINDS: dict[str, SettingsSpec] = {
     "local": SettingsSpec(LocalSettings, frozenset()),
     "s3": SettingsSpec(S3Settings, frozenset({"secret_access_key", "session_token"})),
+    "gdrive": SettingsSpec(
+        GDriveSettings, frozenset({"service_account_json", "client_secret", "refresh_token"})
+    ),
 }
 
-StorageKindName = Literal["local", "s3"]
+StorageKindName = Literal["local", "s3", "gdrive"]
