@@ -1,4 +1,4 @@
-"""Backup and restore orchestration, and the two connection-test RPCs.
+"""Backup, restore and prune orchestration, and the two connection-test RPCs.
 
 Thin on purpose: secrets are opened here, the engine and storage are picked here, and the bytes are
 moved by `pipeline`. Every function returns the report to send; only cancellation propagates.
@@ -22,6 +22,10 @@ from rahatback_contracts.messages import (
     BackupFailed,
     DbTestReply,
     DbTestRequest,
+    PruneCommand,
+    PruneCompleted,
+    PruneFailed,
+    PruneFailure,
     RestoreCommand,
     RestoreCompleted,
     RestoreFailed,
@@ -385,3 +389,34 @@ async def test_storage(request: StorageTestRequest, *, private_key: X25519Privat
     except Exception as exc:
         log.error("storage.test failed unexpectedly", error_type=type(exc).__name__)
         return StorageTestReply(ok=False, error_code="error", error=_scrub(describe_error(exc), secrets))
+
+
+async def run_prune(
+    command: PruneCommand, *, agent_id: str, private_key: X25519PrivateKey
+) -> PruneCompleted | PruneFailed:
+    """Delete expired artifacts and their manifests. A key already gone counts as deleted, so a
+    redelivered prune is harmless; each item that fails is reported with its reason."""
+    secrets: dict[str, Any] = {}
+    try:
+        secrets = open_optional(private_key, command.storage.secrets, seal_info("prune", command.prune_id))
+        storage = get_storage(command.storage, secrets)
+    except (SealingError, StorageError) as exc:
+        error = str(exc) if isinstance(exc, SealingError) else _scrub(exc.message, secrets)
+        return PruneFailed(agent_id=agent_id, occurred_at=_now(), prune_id=command.prune_id, error=error)
+    deleted: list[str] = []
+    failures: list[PruneFailure] = []
+    for item in command.items:
+        try:
+            # the manifest first: a listing never shows a manifest whose artifact is gone
+            if item.manifest_key:
+                await storage.delete(item.manifest_key)
+            await storage.delete(item.storage_key)
+            deleted.append(item.run_id)
+        except StorageError as exc:
+            failures.append(PruneFailure(run_id=item.run_id, error=_scrub(exc.message, secrets)))
+        except Exception as exc:
+            failures.append(PruneFailure(run_id=item.run_id, error=_scrub(describe_error(exc), secrets)))
+    log.info("prune done", prune_id=command.prune_id, deleted=len(deleted), failed=len(failures))
+    return PruneCompleted(
+        agent_id=agent_id, occurred_at=_now(), prune_id=command.prune_id, deleted=deleted, failures=failures
+    )

@@ -30,6 +30,9 @@ from rahatback_contracts.messages import (
     DbTestRequest,
     Heartbeat,
     Progress,
+    PruneCommand,
+    PruneCompleted,
+    PruneFailed,
     Report,
     RestoreCommand,
     RestoreCompleted,
@@ -345,6 +348,9 @@ class Supervisor:
     async def _handle_command(self, msg: Msg, stop: asyncio.Event) -> None:
         prefix = f"agent.{self.agent_id}."
         suffix = msg.subject[len(prefix) :] if msg.subject.startswith(prefix) else ""
+        if suffix == "prune.execute":
+            await self._prune(msg)
+            return
         model: type[BackupCommand] | type[RestoreCommand] | type[CancelCommand]
         if suffix == "job.execute":
             model = BackupCommand
@@ -412,6 +418,24 @@ class Supervisor:
         await msg.ack()
         self._start(kind, run_id, command)
         bound.info("command started", kind=kind)
+
+    async def _prune(self, msg: Msg) -> None:
+        """Retention deletes are short and idempotent: done inline, acked once the report is stored."""
+        try:
+            command = PruneCommand.model_validate_json(msg.data)
+        except ValidationError as exc:
+            self.log.error("unparseable prune command; terminating it", errors=exc.error_count())
+            await msg.term()
+            return
+        report: PruneCompleted | PruneFailed
+        if command.expires_at < _now():
+            report = PruneFailed(
+                agent_id=self.agent_id, occurred_at=_now(), prune_id=command.prune_id, error=EXPIRED
+            )
+        else:
+            report = await jobs.run_prune(command, agent_id=self.agent_id, private_key=self._private_key)
+        if await self._publish_report("prune", report):
+            await msg.ack()
 
     async def _wait_for_slot(self, msg: Msg, stop: asyncio.Event) -> bool:
         last_touch = time.monotonic()
@@ -506,14 +530,14 @@ class Supervisor:
     # ------------------------------------------------------------ reports
 
     async def _publish_report(
-        self, kind: RunKind, report: Report, *, give_up: asyncio.Event | None = None
+        self, kind: RunKind | Literal["prune"], report: Report, *, give_up: asyncio.Event | None = None
     ) -> bool:
         """Store a report in AGENT_REPORTS, retrying with the same Nats-Msg-Id until it is: the API may
         be down or JetStream briefly unavailable, and a lost `completed` would be a lost backup."""
         assert self._js is not None
         if isinstance(report, BackupStarted | RestoreStarted):
             outcome: Literal["started", "completed", "failed"] = "started"
-        elif isinstance(report, BackupCompleted | RestoreCompleted):
+        elif isinstance(report, BackupCompleted | RestoreCompleted | PruneCompleted):
             outcome = "completed"
         else:
             outcome = "failed"
@@ -521,6 +545,8 @@ class Supervisor:
             run_id = report.run_id
         elif isinstance(report, RestoreStarted | RestoreCompleted | RestoreFailed):
             run_id = report.restore_id
+        elif isinstance(report, PruneCompleted | PruneFailed):
+            run_id = report.prune_id
         else:
             raise TypeError(f"not a run report: {type(report).__name__}")
         subject = subjects.agent_report(self.agent_id, kind, outcome)
