@@ -5,21 +5,40 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import os
 import re
+import secrets
 import stat
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi.exceptions import RequestValidationError
+from nats.aio.client import Client as NATS
 from rahatback_agent.engines import mysql as mysql_engine
 from rahatback_agent.engines.base import Connection, EngineError
 from rahatback_agent.engines.mysql import MySQLEngine, MySQLSettings, MySQLTool, client_options
 from rahatback_agent.engines.registry import get_engine
+from rahatback_agent.pipeline import Manifest
+from rahatback_api.databases.engines import ENGINES as API_ENGINES
+from rahatback_contracts.messages import (
+    BackupCommand,
+    DatabaseTarget,
+    EncryptionSpec,
+    RestoreCommand,
+    StorageTarget,
+    seal_info,
+)
+from rahatback_contracts.sealing import seal
 
-from tests.servers import MariaDBServer, free_port
+from tests.agent.conftest import running_agent
+from tests.servers import MariaDBServer, NatsServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -785,3 +804,134 @@ def test_dump_argv_ends_options_before_the_database_name() -> None:
     for flag in ("--single-transaction", "--quick", "--routines", "--triggers", "--events", "--hex-blob"):
         assert flag in argv
     assert "--set-gtid-purged=OFF" in MySQLEngine.dump_argv(MySQLTool("mysqldump", False), Path("f"), "d")
+
+
+# ------------------------------------------------------------------ through the agent and the API schema
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _mysql_target(m: MariaDBServer, database: str, sealed_to: str, info: str) -> DatabaseTarget:
+    return DatabaseTarget(
+        name=database,
+        engine="mysql",
+        settings={"host": m.host, "port": m.port, "user": m.user, "database": database},
+        secrets=seal(sealed_to, {"password": m.password}, info),
+    )
+
+
+async def test_backup_and_restores_through_the_agent(
+    nats_server: NatsServer,
+    api_nc: NATS,
+    mariadb: MariaDBServer,
+    source_db: str,
+    tmp_path: Path,
+    no_scratch_left: None,
+) -> None:
+    """The real supervisor and pipeline (zstd + encryption + local storage) over NATS: a backup, a
+    restore into another database, and a tampered artifact that must leave its target alone."""
+    target = new_db(mariadb)
+    untouched = new_db(mariadb, "CREATE TABLE keep_me (x INT); INSERT INTO keep_me VALUES (7)")
+    job_key = secrets.token_bytes(32)
+    job_key_b64 = base64.b64encode(job_key).decode()
+    async with running_agent(nats_server, api_nc, tmp_path) as agent:
+        run_id = uuid.uuid4().hex
+        info = seal_info("run", run_id)
+        backup = BackupCommand(
+            command_id=uuid.uuid4().hex,
+            org_id=agent.identity.org_id,
+            issued_at=_now(),
+            expires_at=_now() + timedelta(minutes=10),
+            run_id=run_id,
+            job_id=uuid.uuid4().hex,
+            database=_mysql_target(mariadb, source_db, agent.public_key_b64, info),
+            storage=StorageTarget(name="local", kind="local", settings={"path": str(agent.storage_dir)}),
+            compression="zstd",
+            encryption=EncryptionSpec(
+                key_id="job-key-1",
+                job_key=seal(agent.public_key_b64, {"key_b64": job_key_b64}, info),
+            ),
+        )
+        await agent.send_command("job.execute", backup)
+        done = await agent.reports.outcome("backup", "completed", "run_id", run_id)
+        assert re.fullmatch(r"10\.11\.\d+-MariaDB", done["server_version"]), done
+        assert done["storage_key"].endswith(f"_{run_id}.sql.zst.rbk")
+        manifest = Manifest.from_json((agent.storage_dir / done["manifest_key"]).read_bytes())
+        assert (manifest.engine, manifest.dump_format) == ("mysql", "mysql-sql")
+        artifact = agent.storage_dir / done["storage_key"]
+        assert "Ayşe".encode() not in artifact.read_bytes()  # encrypted
+
+        async def restore_into(database: str) -> dict[str, Any]:
+            restore_id = uuid.uuid4().hex
+            info = seal_info("restore", restore_id)
+            await agent.send_command(
+                "restore.execute",
+                RestoreCommand(
+                    command_id=uuid.uuid4().hex,
+                    org_id=agent.identity.org_id,
+                    issued_at=_now(),
+                    expires_at=_now() + timedelta(minutes=10),
+                    restore_id=restore_id,
+                    backup_run_id=run_id,
+                    database=_mysql_target(mariadb, database, agent.public_key_b64, info),
+                    storage=backup.storage,
+                    storage_key=done["storage_key"],
+                    compression="zstd",
+                    encrypted=True,
+                    encryption=EncryptionSpec(
+                        key_id="job-key-1",
+                        job_key=seal(agent.public_key_b64, {"key_b64": job_key_b64}, info),
+                    ),
+                ),
+            )
+            _, body = await agent.reports.wait_for(
+                lambda subject, body: (
+                    body.get("restore_id") == restore_id
+                    and subject.rsplit(".", 1)[1] in ("completed", "failed")
+                )
+            )
+            return body
+
+        restored = await restore_into(target)
+        assert restored["bytes_restored"] == done["dump_size"], restored
+
+        data = bytearray(artifact.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        artifact.write_bytes(bytes(data))
+        tampered = await restore_into(untouched)
+        assert "bytes_restored" not in tampered and tampered["error"], tampered
+
+    assert fingerprint(mariadb, target) == fingerprint(mariadb, source_db)
+    assert mariadb.sql(untouched, "SHOW TABLES") == "keep_me"
+    assert mariadb.sql(untouched, "SELECT x FROM keep_me") == "7"
+    assert agent.wiretap.messages, "the wiretap saw nothing: the test would prove nothing"
+    for secret in (mariadb.password, job_key_b64):
+        assert agent.wiretap.contains(secret) == []
+
+
+def test_api_settings_schema_keeps_the_password_secret() -> None:
+    spec = API_ENGINES["mysql"]
+    settings, secret = spec.split(
+        {"host": "db", "user": "app", "database": "shop", "ssl_mode": "verify_identity", "password": "pw"}
+    )
+    assert settings == {
+        "host": "db",
+        "port": 3306,
+        "user": "app",
+        "database": "shop",
+        "ssl_mode": "verify_identity",
+    }
+    assert secret == {"password": "pw"}
+    # what the API stores is what the agent accepts
+    assert MySQLSettings.model_validate(settings).ssl_mode == "verify_identity"
+    assert mysql_engine.parse_settings({**settings, "ssl_mode": None}).ssl_mode == "preferred"
+    for bad in (
+        {"database": "x" * 65},
+        {"ssl_mode": "on"},
+        {"ssl_ca": "relative/ca.pem"},
+        {"sslmode": "require"},
+    ):
+        with pytest.raises(RequestValidationError):
+            spec.split({"host": "db", "user": "app", "database": "shop", **bad})

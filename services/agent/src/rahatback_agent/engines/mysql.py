@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiomysql  # type: ignore[import-untyped]  # aiomysql ships no type information
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pymysql.charset import charset_by_name  # type: ignore[import-untyped]
 from pymysql.constants import CLIENT  # type: ignore[import-untyped]
 
@@ -48,8 +48,13 @@ class MySQLSettings(BaseModel):
     user: str = Field(min_length=1)
     # optional so databases can be listed before one is chosen; dump and restore require it
     database: str | None = Field(default=None, min_length=1, max_length=64)
-    ssl_mode: SslMode = "preferred"
+    ssl_mode: SslMode = "preferred"  # None (the control plane's "not set") means preferred too
     ssl_ca: str | None = Field(default=None, min_length=1)  # a CA bundle on the agent's host
+
+    @field_validator("ssl_mode", mode="before")
+    @classmethod
+    def _unset_is_preferred(cls, value: object) -> object:
+        return "preferred" if value is None else value
 
     @property
     def address(self) -> str:
