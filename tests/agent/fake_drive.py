@@ -28,6 +28,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
@@ -40,6 +41,7 @@ FOLDER_MIME = "application/vnd.google-apps.folder"
 GRANULARITY = 256 * 1024
 API_PREFIX = "/drive/v3/"
 UPLOAD_PATH = "/upload/drive/v3/files"
+EPOCH = datetime(2026, 1, 1)
 
 FaultKind = Literal["partial_503", "short_ack", "reset", "fail"]
 
@@ -75,7 +77,8 @@ class FakeFile:
             "mimeType": self.mime_type,
             "parents": list(self.parents),
             "trashed": False,
-            "createdTime": f"2026-01-01T00:00:{self.created:02d}.000Z",
+            "createdTime": (EPOCH + timedelta(milliseconds=self.created)).isoformat(timespec="milliseconds")
+            + "Z",
         }
         if self.mime_type != FOLDER_MIME:
             out["size"] = str(len(self.content))
@@ -288,6 +291,10 @@ class FakeDrive:
     def add_folder(self, name: str, parent: str | None = None) -> str:
         with self.lock:
             return self._new_file(name, FOLDER_MIME, [parent] if parent else []).id
+
+    def add_file(self, name: str, parent: str, content: bytes) -> str:
+        with self.lock:
+            return self._new_file(name, "application/octet-stream", [parent], content).id
 
     # -- inspection helpers
 

@@ -107,6 +107,31 @@ async def test_concurrent_writers_share_new_folders(
     assert [await storage.get_bytes(f"db/2026/01/02/f{i}") for i in range(4)] == [b"0", b"1", b"2", b"3"]
 
 
+async def test_duplicate_folders_from_a_race_are_all_searched(
+    drive: FakeDrive, root: str, sa_info: dict[str, str]
+) -> None:
+    """Two agents created `shop` at the same moment and each wrote into its own copy: new files go
+    to the oldest copy, and reads, lists and deletes see the files in both."""
+    older = drive.add_folder("shop", root)
+    newer = drive.add_folder("shop", root)
+    drive.add_file("a.rbk", older, b"in the older folder")
+    drive.add_file("b.rbk", newer, b"in the newer folder")
+    drive.add_file("m.json", older, b"old manifest")
+    drive.add_file("m.json", newer, b"new manifest")
+    storage = make_storage(drive, root, sa_info)
+
+    assert await storage.get_bytes("shop/a.rbk") == b"in the older folder"
+    assert await storage.get_bytes("shop/b.rbk") == b"in the newer folder"
+    assert await storage.get_bytes("shop/m.json") == b"new manifest"  # the newest copy of a key
+    assert await listed(storage, "shop/") == ["shop/a.rbk", "shop/b.rbk", "shop/m.json"]
+    await storage.put_bytes("shop/c.rbk", b"c")
+    assert [f.name for f in drive.children(older)] == ["a.rbk", "m.json", "c.rbk"]
+    assert drive.folder_creates == []
+    await storage.delete("shop/m.json")
+    assert await listed(storage, "shop/") == ["shop/a.rbk", "shop/b.rbk", "shop/c.rbk"]
+    assert {f.id for f in drive.files.values() if f.mime_type == FOLDER_MIME} == {root, older, newer}
+
+
 @pytest.mark.parametrize("size", [0, 1, CHUNK, 2 * CHUNK, 2 * CHUNK + 1], ids=lambda n: f"{n}B")
 async def test_sizes_at_chunk_boundaries(
     drive: FakeDrive, root: str, sa_info: dict[str, str], size: int

@@ -304,8 +304,11 @@ class _StreamedMedia(MediaUpload):  # type: ignore[misc]  # the library's base c
 
 
 class GDriveWriter:
-    def __init__(self, storage: GDriveStorage, request: Any, media: _StreamedMedia, key: str) -> None:
+    def __init__(
+        self, storage: GDriveStorage, request: Any, media: _StreamedMedia, key: str, parent: str
+    ) -> None:
         self._storage = storage
+        self._parent = parent
         self._request = request
         self._media = media
         self._key = key
@@ -433,7 +436,7 @@ class GDriveWriter:
             await asyncio.shield(self.abort())
             raise
         self._state = "committed"
-        await self._storage.remove_older_copies(self._key, keep=self._file_id)
+        await self._storage.remove_older_copies(self._key, self._parent, keep=self._file_id)
 
     async def abort(self) -> None:
         """Cancel the session and delete the file if it was completed. Best effort, never raises:
@@ -553,7 +556,7 @@ class GDriveStorage:
         weakref.finalize(self, self.pool.close)  # close idle connections with the storage
         self._service: Any = None
         self._service_lock = threading.Lock()
-        self._folders: dict[tuple[str, ...], str] = {(): folder_id}
+        self._folders: dict[tuple[str, ...], str] = {}  # write folders by path
         self._folders_lock = threading.Lock()
         self._root_checked = False
 
@@ -607,7 +610,7 @@ class GDriveStorage:
             raise _storage_error(exc, doing) from exc
 
     def _list_all(
-        self, q: str, doing: str, order: str | None = None, fields: str = "id, name, mimeType, createdTime"
+        self, q: str, doing: str, fields: str = "id, name, mimeType, parents, createdTime"
     ) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
         token: str | None = None
@@ -618,7 +621,6 @@ class GDriveStorage:
                     fields=f"nextPageToken, files({fields})",
                     pageSize=PAGE_SIZE,
                     pageToken=token,
-                    orderBy=order,
                     spaces="drive",
                     supportsAllDrives=True,
                     includeItemsFromAllDrives=True,
@@ -656,23 +658,33 @@ class GDriveStorage:
             )
         self._root_checked = True
 
-    def _find_folders(self, parent: str, name: str) -> list[dict[str, Any]]:
-        q = f"name = {_quote(name)} and {_quote(parent)} in parents and mimeType = '{FOLDER_MIME}'"
-        return self._list_all(q + " and trashed = false", f"looking up the folder {name!r}", "createdTime")
+    def _children_named(
+        self, parents: list[str], name: str, folders: bool, doing: str
+    ) -> list[dict[str, Any]]:
+        """Children of any of `parents` called `name` (folders or files), oldest first."""
+        kind = "=" if folders else "!="
+        found: list[dict[str, Any]] = []
+        for i in range(0, len(parents), PARENTS_PER_QUERY):
+            q = (
+                f"name = {_quote(name)} and {_in_parents(parents[i : i + PARENTS_PER_QUERY])}"
+                f" and mimeType {kind} '{FOLDER_MIME}' and trashed = false"
+            )
+            found.extend(self._list_all(q, doing))
+        return sorted(found, key=lambda f: str(f.get("createdTime", "")))
 
-    def _folder(self, path: tuple[str, ...], create: bool) -> str | None:
-        """The id of the folder at `path` under the root, found (or, if `create`, created)
-        segment by segment and cached; None if it does not exist and `create` is false."""
+    def _folder_for_write(self, path: tuple[str, ...]) -> str:
+        """The folder new files of `path` go to: at each level the oldest folder of that name,
+        created if there is none; cached for this storage instance."""
         with self._folders_lock:  # one resolution at a time: concurrent writers create a folder once
-            if create:
-                self._check_root()
+            self._check_root()
             folder = self.folder_id
             for depth in range(1, len(path) + 1):
                 sub = path[:depth]
                 known = self._folders.get(sub)
                 if known is None:
-                    found = self._find_folders(folder, sub[-1])
-                    if not found and create:
+                    doing = f"looking up the folder {'/'.join(sub)!r}"
+                    found = self._children_named([folder], sub[-1], True, doing)
+                    if not found:
                         self._execute(
                             self._files().create(
                                 body={"name": sub[-1], "mimeType": FOLDER_MIME, "parents": [folder]},
@@ -681,27 +693,30 @@ class GDriveStorage:
                             ),
                             f"creating the folder {'/'.join(sub)!r}",
                         )
-                        # Another agent may have created it at the same moment: all settle on the
-                        # oldest, and the other (empty) copies are removed.
-                        found = self._find_folders(folder, sub[-1])
-                        extra = [str(f["id"]) for f in found[1:]]
-                        self.delete_file_ids(extra, f"removing a duplicate of the folder {sub[-1]!r}")
+                        # Another agent may have created one at the same moment: all writers settle
+                        # on the oldest. Duplicates are never deleted (one may already hold a
+                        # backup); reads and lists look in all of them.
+                        found = self._children_named([folder], sub[-1], True, doing)
                     if not found:
-                        return None
+                        raise StorageError("drive_error", f"the new folder {'/'.join(sub)!r} is not listed")
                     known = self._folders[sub] = str(found[0]["id"])
                 folder = known
             return folder
 
+    def _folders_at(self, path: tuple[str, ...]) -> list[str]:
+        """Every folder whose path under the root is `path` (several if duplicates exist)."""
+        folders = [self.folder_id]
+        for depth in range(1, len(path) + 1):
+            doing = f"looking up the folder {'/'.join(path[:depth])!r}"
+            folders = [str(f["id"]) for f in self._children_named(folders, path[depth - 1], True, doing)]
+            if not folders:
+                return []
+        return folders
+
     def _files_named(self, folders: tuple[str, ...], name: str, doing: str) -> list[dict[str, Any]]:
         """The files stored under one key, newest first (Drive allows duplicate names)."""
-        parent = self._folder(folders, create=False)
-        if parent is None:
-            return []
-        q = (
-            f"name = {_quote(name)} and {_quote(parent)} in parents"
-            f" and mimeType != '{FOLDER_MIME}' and trashed = false"
-        )
-        return self._list_all(q, doing, "createdTime desc")
+        parents = self._folders_at(folders)
+        return self._children_named(parents, name, False, doing)[::-1] if parents else []
 
     def delete_file_ids(self, file_ids: list[str], doing: str) -> None:
         for file_id in file_ids:
@@ -711,10 +726,9 @@ class GDriveStorage:
                 if exc.code != "not_found":  # already gone: deleting is idempotent
                     raise
 
-    def _open_upload(self, key: str) -> tuple[Any, _StreamedMedia]:
+    def _open_upload(self, key: str) -> tuple[Any, _StreamedMedia, str]:
         folders, name = _split_key(key)
-        parent = self._folder(folders, create=True)
-        assert parent is not None
+        parent = self._folder_for_write(folders)
         media = _StreamedMedia(self.chunk_size)
         request = self._files().create(
             body={"name": name, "parents": [parent]},
@@ -726,22 +740,22 @@ class GDriveStorage:
         # replaces the host; follow the endpoint's scheme (a plain-HTTP endpoint is a test server).
         if self.api_endpoint and urlsplit(self.api_endpoint).scheme == "http":
             request.uri = "http://" + request.uri.split("://", 1)[1]
-        return request, media
+        return request, media, parent
 
     # -- the Storage interface
 
     async def open_writer(self, key: str) -> GDriveWriter:
         _split_key(key)
-        request, media = await _in_thread(self._open_upload, key)
-        return GDriveWriter(self, request, media, key)
+        request, media, parent = await _in_thread(self._open_upload, key)
+        return GDriveWriter(self, request, media, key, parent)
 
-    async def remove_older_copies(self, key: str, keep: str | None) -> None:
-        """After a commit: the key's older files go, so the key names one object again. A failure
-        here loses nothing (reads take the newest), so it is logged, not raised."""
-        folders, name = _split_key(key)
+    async def remove_older_copies(self, key: str, parent: str, keep: str | None) -> None:
+        """After a commit: the key's older files in the same folder go, so the key names one object
+        again. A failure here loses nothing (reads take the newest), so it is logged, not raised."""
+        _, name = _split_key(key)
 
         def remove() -> None:
-            older = self._files_named(folders, name, f"listing copies of {key!r}")
+            older = self._children_named([parent], name, False, f"listing copies of {key!r}")
             self.delete_file_ids([str(f["id"]) for f in older if f["id"] != keep], f"replacing {key!r}")
 
         try:
@@ -814,11 +828,9 @@ class GDriveStorage:
             raise StorageError("bad_key", f"list prefix {prefix!r} has an empty, '.' or '..' segment")
 
         def walk() -> list[str]:
-            start = self._folder(tuple(folders), create=False)
-            if start is None:
-                return []
             keys: list[str] = []
-            level: dict[str, str] = {start: "/".join(folders)}  # folder id -> its key path
+            # folder id -> its key path (a path appears more than once if folders are duplicated)
+            level = dict.fromkeys(self._folders_at(tuple(folders)), "/".join(folders))
             first = True
             while level:
                 below: dict[str, str] = {}
