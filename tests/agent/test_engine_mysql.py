@@ -700,13 +700,17 @@ def _assert_private_options_file(path: Path, password: str) -> None:
 
 
 async def test_dump_password_is_in_a_private_options_file_never_in_argv_or_env(
-    mariadb: MariaDBServer, big_db: str
+    mariadb: MariaDBServer, big_db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # the agent's own MYSQL_* variables could redirect the tool or hand it another password
+    monkeypatch.setenv("MYSQL_PWD", "agent-env-Pass-3")
     async with MySQLEngine().dump(conn_for(mariadb, big_db)) as chunks:
         assert await anext(aiter(chunks))
         (child,) = _children_running("mariadb-dump")
         assert mariadb.password.encode() not in _read(f"/proc/{child}/cmdline")
-        assert mariadb.password.encode() not in _read(f"/proc/{child}/environ")
+        environ = _read(f"/proc/{child}/environ")
+        assert b"PATH=" in environ  # the environment was readable: the next checks mean something
+        assert mariadb.password.encode() not in environ and b"MYSQL_PWD" not in environ
         options = _options_file_of(child)
         _assert_private_options_file(options, mariadb.password)
     # the context reaped the tool and removed the file with its directory

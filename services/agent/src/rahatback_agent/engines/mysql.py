@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiomysql  # type: ignore[import-untyped]  # aiomysql ships no type information
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pymysql.charset import charset_by_name  # type: ignore[import-untyped]
 from pymysql.constants import CLIENT  # type: ignore[import-untyped]
@@ -30,6 +31,8 @@ from rahatback_agent.engines.base import Connection, EngineError
 from rahatback_agent.engines.process import ExplainFailure, feed_stdin, stream_stdout
 
 __all__ = ["MySQLEngine", "MySQLSettings", "MySQLTool", "find_mysql_tool"]
+
+log = structlog.get_logger("rahatback_agent.engines.mysql")
 
 CONNECT_TIMEOUT_S = 10
 SYSTEM_SCHEMAS = frozenset({"information_schema", "performance_schema", "mysql", "sys"})
@@ -464,11 +467,17 @@ async def _kill_sessions_in(db: Any, database: str) -> None:
 
 
 async def _drop_databases(settings: MySQLSettings, conn: Connection, *names: str) -> None:
-    async with _session(settings, conn, None) as db:
-        await db.query("SET SESSION foreign_key_checks = 0")
-        for name in names:
-            await _kill_sessions_in(db, name)
-            await db.query(f"DROP DATABASE IF EXISTS {_ident(name)}")
+    """Best effort: a leftover scratch database must not hide why the restore failed (or turn a
+    completed restore into a failed one); it is logged and can be dropped by hand."""
+    try:
+        async with _session(settings, conn, None) as db:
+            await db.query("SET SESSION foreign_key_checks = 0")
+            for name in names:
+                await _kill_sessions_in(db, name)
+                await db.query(f"DROP DATABASE IF EXISTS {_ident(name)}")
+    except (aiomysql.Error, EngineError) as exc:
+        reason = exc.message if isinstance(exc, EngineError) else exc.args[-1]
+        log.warning("restore scratch database not dropped", databases=names, reason=str(reason))
 
 
 async def _swap_then_drop(settings: MySQLSettings, conn: Connection, scratch: str, target: str) -> None:
