@@ -469,8 +469,9 @@ class MongoDBEngine:
     async def list_databases(self, conn: Connection) -> list[str]:
         async with self._client(conn) as (client, _):
             # authorizedDatabases: a user without the listDatabases privilege still sees theirs
-            names = await client.list_database_names(authorizedDatabases=True)
-        return sorted(str(name) for name in names if name not in SYSTEM_DATABASES)
+            cursor = await client.list_databases(nameOnly=True, authorizedDatabases=True)
+            names = [str(doc["name"]) for doc in await cursor.to_list(length=None)]
+        return sorted(name for name in names if name not in SYSTEM_DATABASES)
 
     def dump(self, conn: Connection) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         return self._dump(conn)
