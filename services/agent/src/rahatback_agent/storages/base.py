@@ -37,5 +37,9 @@ class Storage(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
+    def list(self, prefix: str) -> AsyncIterator[str]:
+        """Keys of the complete objects whose key starts with `prefix` (a plain string prefix, as in
+        S3: "db/2026/" or "db/2026/11/db_2026"), in lexicographic order; never temporary files."""
+
     async def probe(self) -> None:
         """Write, read back and delete a small object; StorageError naming what failed."""

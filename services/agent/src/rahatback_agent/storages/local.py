@@ -175,6 +175,43 @@ class LocalStorage:
         except OSError as exc:
             raise StorageError("delete_failed", f"cannot delete {key!r}: {_describe(exc)}") from exc
 
+    def _list(self, prefix: str) -> list[str]:
+        # walk only the folder the prefix names; its last segment is a partial name matched as text
+        folder, _, _ = prefix.rpartition("/")
+        if "\x00" in prefix or "\\" in prefix or prefix.startswith("/"):
+            raise StorageError("bad_key", f"invalid storage prefix {prefix!r}")
+        if folder and any(part in ("", ".", "..") for part in folder.split("/")):
+            raise StorageError("bad_key", f"storage prefix {prefix!r} has an empty, '.' or '..' segment")
+        if not self.root.is_dir():
+            raise StorageError("folder_missing", f"storage folder {str(self.root)!r} does not exist")
+        start = self.root.joinpath(*folder.split("/")) if folder else self.root
+        keys: list[str] = []
+        if not start.is_dir():
+            return keys  # nothing was ever stored under that folder
+
+        def fail(exc: OSError) -> None:
+            if isinstance(exc, FileNotFoundError):
+                return  # removed while we walked (retention): nothing to list in it
+            raise exc  # a folder we cannot read would otherwise make the listing silently incomplete
+
+        for dirpath, _, filenames in os.walk(start, onerror=fail):
+            base = Path(dirpath).relative_to(self.root).as_posix()
+            for filename in filenames:
+                if filename.startswith(TEMP_PREFIX):
+                    continue
+                key = filename if base == "." else f"{base}/{filename}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    async def list(self, prefix: str) -> AsyncIterator[str]:
+        try:
+            keys = await asyncio.to_thread(self._list, prefix)
+        except OSError as exc:
+            raise StorageError("list_failed", f"cannot list {prefix!r}: {_describe(exc)}") from exc
+        for key in keys:
+            yield key
+
     async def probe(self) -> None:
         root = self.root
         if not await asyncio.to_thread(root.exists):

@@ -16,6 +16,12 @@ def _local(settings: dict[str, Any], secrets: dict[str, Any]) -> Storage:
     return LocalStorage.from_settings(settings)
 
 
+def _s3(settings: dict[str, Any], secrets: dict[str, Any]) -> Storage:
+    from .s3 import S3Storage
+
+    return S3Storage.from_settings(settings, secrets)
+
+
 def _gdrive(settings: dict[str, Any], secrets: dict[str, Any]) -> Storage:
     from .gdrive import GDriveStorage
 
@@ -24,6 +30,7 @@ def _gdrive(settings: dict[str, Any], secrets: dict[str, Any]) -> Storage:
 
 _FACTORIES: dict[str, Callable[[dict[str, Any], dict[str, Any]], Storage]] = {
     "local": _local,
+    "s3": _s3,
     "gdrive": _gdrive,
 }
 
