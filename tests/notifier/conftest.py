@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import nats
 import pytest
+import structlog
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
@@ -45,12 +46,13 @@ from tests.servers import NatsServer, free_port
 DEADLINE_SECONDS = 30.0  # only a bound against hanging, never an assertion about speed
 
 
-async def eventually(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+@pytest.fixture(autouse=True)
+def fresh_logging() -> Iterator[None]:
+    """Other suites configure structlog with the stderr of their moment (possibly a closed capture
+    stream); the notifier's tests log through structlog's defaults instead."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 # ------------------------------------------------------------------------------------- SMTP

@@ -42,6 +42,7 @@ from nats.js.kv import KeyValue
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 from rahatback_contracts import streams, subjects
 from rahatback_contracts.messages import DomainEvent, NotifyTarget, parse_event
+from structlog.typing import FilteringBoundLogger
 
 from . import metrics
 from .delivery import Deliverer, DeliveryError, delivery_id
@@ -293,7 +294,7 @@ class EventHandler:
                 bound.warning("event.nak_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _notify(
-        self, msg: Msg, event: DomainEvent, data: dict[str, Any], attempt: int, bound: Any
+        self, msg: Msg, event: DomainEvent, data: dict[str, Any], attempt: int, bound: FilteringBoundLogger
     ) -> None:
         failures: list[tuple[NotifyTarget, str]] = []
         labels = {"event_type": metrics.event_type_label(event.type)}
@@ -351,7 +352,7 @@ class EventHandler:
         return "dead" if entry.value == DEAD else "sent"
 
     async def _dead_letter(
-        self, event: DomainEvent, target: NotifyTarget, error: str, attempts: int, bound: Any
+        self, event: DomainEvent, target: NotifyTarget, error: str, attempts: int, bound: FilteringBoundLogger
     ) -> None:
         letter = NotificationDeadLetter(
             event_id=event.event_id,

@@ -79,19 +79,20 @@ class Deliverer:
     async def _email(self, event: DomainEvent, data: dict[str, Any], target: NotifyTarget) -> None:
         if not target.recipients:
             raise DeliveryError("email channel without recipients", permanent=True)
-        message = build_message(
-            render(event, data),
-            mail_from=self.mail_from,
-            recipients=target.recipients,
-            event_id=event.event_id,
-            channel_id=target.channel_id,
-        )
+        try:
+            message = build_message(
+                render(event, data),
+                mail_from=self.mail_from,
+                recipients=target.recipients,
+                event_id=event.event_id,
+                channel_id=target.channel_id,
+            )
+        except ValueError as exc:  # e.g. an address the email library cannot put in a header
+            raise DeliveryError(f"email: cannot build the message: {exc}", permanent=True) from None
         try:
             where = await self.mailer.send(message)
         except EmailError as exc:
             raise DeliveryError(f"email: {exc}") from None
-        except ValueError as exc:  # e.g. an address the email library cannot encode
-            raise DeliveryError(f"email: cannot build the message: {exc}", permanent=True) from None
         log.info(
             "email.handed_over", to=where, recipients=len(target.recipients), channel_id=target.channel_id
         )
