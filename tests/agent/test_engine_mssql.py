@@ -3,9 +3,12 @@
 What is tested: the SQL text built for hostile names (checked with a T-SQL tokenizer: names and
 paths come back as data, the statement skeleton never changes), the ODBC connection strings, the
 MOVE clauses, the .bak file streaming and its removal in every case (a fake connection at the
-aioodbc boundary writes a .bak when it sees BACKUP DATABASE and reads it on RESTORE), a backup →
-pipeline → restore round trip, and — through the real aioodbc, unixODBC and FreeTDS driver — what
-reaches the wire at login, against a small fake TDS server. Not tested: a real SQL Server.
+aioodbc boundary writes a .bak when it sees BACKUP DATABASE and reads it on RESTORE), and a
+backup → pipeline → restore round trip. Then the same engine through the real aioodbc, pyodbc,
+unixODBC and FreeTDS driver against a small fake TDS server: the login as it reaches the wire,
+the statements as the server receives them, result sets, errors and a cancel (attention).
+
+Not tested: a real SQL Server, and Microsoft's ODBC driver (its "}}" escaping follows its docs).
 """
 
 from __future__ import annotations
@@ -659,23 +662,74 @@ async def test_closed_port_is_unreachable_through_freetds(backup_dir: Path) -> N
     assert PASSWORD not in err.value.message
 
 
-class FakeTdsServer:
-    """Just enough TDS 7.4 to see a LOGIN7: answers PRELOGIN with "encryption not supported",
-    decodes the login record (user, password, database, app), then refuses the login with
-    SQL Server's error 18456."""
+def _b_varchar(text: str) -> bytes:
+    return bytes([len(text)]) + text.encode("utf-16-le")
 
-    def __init__(self) -> None:
+
+def _us_varchar(text: str) -> bytes:
+    return struct.pack("<H", len(text)) + text.encode("utf-16-le")
+
+
+def _done(status: int = 0, command: int = 0, rows: int = 0) -> bytes:
+    return b"\xfd" + struct.pack("<HHQ", status, command, rows)
+
+
+def _message(number: int, text: str, severity: int) -> bytes:
+    """An INFO (severity ≤ 10) or ERROR token."""
+    body = (
+        struct.pack("<iBB", number, 1, severity)
+        + _us_varchar(text)
+        + _b_varchar("fake")
+        + _b_varchar("")
+        + struct.pack("<i", 1)
+    )
+    return (b"\xab" if severity <= 10 else b"\xaa") + struct.pack("<H", len(body)) + body
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> bytes:
+    """A result set of NVARCHAR(4000) columns."""
+    out = b"\x81" + struct.pack("<H", len(columns))
+    for name in columns:
+        out += struct.pack("<IH", 0, 0x0001) + b"\xe7" + struct.pack("<H", 8000) + b"\x09\x04\xd0\x00\x34"
+        out += _b_varchar(name)
+    for row in rows:
+        out += b"\xd1"
+        for value in row:
+            raw = value.encode("utf-16-le")
+            out += struct.pack("<H", len(raw)) + raw
+    return out + _done(0x0010, 0xC1, len(rows))
+
+
+class FakeTdsServer:
+    """Just enough of SQL Server's TDS 7.4 for the real FreeTDS driver behind aioodbc and pyodbc:
+    PRELOGIN (no encryption), LOGIN7 (decoded and kept; a wrong password gets error 18456), SQL
+    batches (kept; answered like FakeMSSQL: BACKUP writes the .bak, RESTORE reads it) and
+    attention (cancel) packets."""
+
+    def __init__(self, password: str = PASSWORD, backup: bytes = b"", source_name: str = "shop") -> None:
+        self.password = password
+        self.backup = backup
+        self.source_name = source_name
+        self.fail_backup: bytes | None = None  # an ERROR token to answer BACKUP with
+        self.hang_backup = False
         self.logins: list[dict[str, str]] = []
+        self.batches: list[str] = []
+        self.restored: bytes | None = None
+        self.attentions = 0
 
     @staticmethod
     def _packet(payload: bytes) -> bytes:
         return struct.pack(">BBHHBB", 0x04, 0x01, len(payload) + 8, 0, 1, 0) + payload
 
     @staticmethod
-    async def _read(reader: asyncio.StreamReader) -> bytes:
-        header = await reader.readexactly(8)
-        (length,) = struct.unpack(">H", header[2:4])
-        return await reader.readexactly(length - 8)
+    async def _read(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+        data = b""
+        while True:
+            header = await reader.readexactly(8)
+            kind, status, length = struct.unpack(">BBH", header[:4])
+            data += await reader.readexactly(length - 8)
+            if status & 0x01:  # end of message
+                return kind, data
 
     @staticmethod
     def _prelogin_reply() -> bytes:
@@ -700,36 +754,78 @@ class FakeTdsServer:
         return fields
 
     @staticmethod
-    def _login_failed(user: str) -> bytes:
-        text = f"Login failed for user '{user}'."
+    def _login_ack() -> bytes:
         body = (
-            struct.pack("<iBBH", 18456, 1, 14, len(text))
-            + text.encode("utf-16-le")
-            + b"\x04"
-            + "fake".encode("utf-16-le")
-            + b"\x00"
-            + struct.pack("<i", 1)
+            b"\x01" + struct.pack(">I", 0x74000004) + _b_varchar("Microsoft SQL Server") + b"\x10\x00\x0f\xa0"
         )
-        error = b"\xaa" + struct.pack("<H", len(body)) + body
-        done = b"\xfd" + struct.pack("<HHQ", 0x0002, 0, 0)
-        return error + done
+        return b"\xad" + struct.pack("<H", len(body)) + body + _done()
+
+    def _answer(self, sql: str) -> bytes | None:
+        skeleton, values = tokenize(sql)
+        if sql == "SELECT @@VERSION":
+            return _table([""], [["Microsoft SQL Server 2022 (RTM) - 16.0.1000.6 (X64) \n\tOct  8 2022"]])
+        if sql == LIST_DATABASES_SQL:
+            return _table(["name"], [["shop"], [NASTY]])
+        if skeleton.startswith("BACKUP DATABASE"):
+            write(values[1], self.backup[: len(self.backup) // 2])
+            if self.hang_backup:
+                return None
+            if self.fail_backup is not None:
+                return self.fail_backup + _done(0x0002)
+            write(values[1], self.backup)
+            return (
+                _message(3211, "100 percent processed.", 0)
+                + _done(0x0001)
+                + _message(3014, "BACKUP DATABASE successfully processed.", 0)
+                + _done()
+            )
+        if skeleton.startswith("RESTORE VERIFYONLY"):
+            return _message(3262, "The backup set on file 1 is valid.", 0) + _done()
+        if skeleton.startswith("RESTORE HEADERONLY"):
+            return _table(["BackupName", "DatabaseName"], [["", self.source_name]])
+        if skeleton.startswith("RESTORE FILELISTONLY"):
+            return _table(
+                ["LogicalName", "PhysicalName", "Type", "FileId"],
+                [[f.logical_name, f.physical_name, f.type, str(f.file_id)] for f in SHOP_FILES[:2]],
+            )
+        if sql == DEFAULT_DIRS_SQL:
+            return _table(["data_dir", "log_dir"], [["/var/opt/mssql/data/", "/var/opt/mssql/log/"]])
+        if skeleton.startswith("RESTORE DATABASE"):
+            self.restored = read(values[1])
+            return _message(3014, "RESTORE DATABASE successfully processed.", 0) + _done()
+        return _done()  # what the driver sends by itself (sp_datatype_info_100 ...)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._read(reader)
             writer.write(self._packet(self._prelogin_reply()))
-            await writer.drain()
-            login = self._decode_login(await self._read(reader))
+            login = self._decode_login((await self._read(reader))[1])
             self.logins.append(login)
-            writer.write(self._packet(self._login_failed(login["user"])))
-            await writer.drain()
-            await reader.read(100)
+            if login["password"] != self.password:
+                refusal = _message(18456, f"Login failed for user '{login['user']}'.", 14) + _done(0x0002)
+                writer.write(self._packet(refusal))
+                return
+            writer.write(self._packet(self._login_ack()))
+            while True:
+                kind, data = await self._read(reader)
+                if kind == 0x06:  # attention: acknowledge the cancel
+                    self.attentions += 1
+                    writer.write(self._packet(_done(0x0020)))
+                    continue
+                (headers,) = struct.unpack_from("<I", data)
+                sql = data[headers:].decode("utf-16-le")
+                self.batches.append(sql)
+                answer = self._answer(sql)
+                if answer is not None:
+                    writer.write(self._packet(answer))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
         finally:
             writer.close()
 
 
 @pytest.fixture
-async def tds_server() -> AsyncIterator[tuple[FakeTdsServer, int]]:
+async def tds() -> AsyncIterator[tuple[FakeTdsServer, int]]:
     fake = FakeTdsServer()
     server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
     yield fake, server.sockets[0].getsockname()[1]
@@ -737,27 +833,31 @@ async def tds_server() -> AsyncIterator[tuple[FakeTdsServer, int]]:
     await server.wait_closed()
 
 
-@needs_freetds
-@pytest.mark.parametrize("password", [PASSWORD, "ends with }", "ünïcödé ✓ 'q' \"d\"", "{braced}"])
-async def test_credentials_reach_the_wire_exactly_through_freetds(
-    backup_dir: Path, tds_server: tuple[FakeTdsServer, int], password: str
-) -> None:
-    fake, port = tds_server
-    conn = Connection(
+def freetds_conn(port: int, backup_dir: Path, database: str = "shop", password: str = PASSWORD) -> Connection:
+    return Connection(
         {
             "host": "127.0.0.1",
             "port": port,
             "user": "sa]x",
-            "database": NASTY,
+            "database": database,
             "driver": "FreeTDS",
             "encrypt": False,
             "backup_dir": str(backup_dir),
         },
         {"password": password},
     )
-    with pytest.raises(EngineError) as err:
-        await MSSQLEngine().test(conn)
 
+
+@needs_freetds
+@pytest.mark.parametrize("password", [PASSWORD, "ends with }", "ünïcödé ✓ 'q' \"d\"", "{braced}"])
+async def test_credentials_reach_the_wire_exactly_through_freetds(
+    backup_dir: Path, tds: tuple[FakeTdsServer, int], password: str
+) -> None:
+    fake, port = tds
+    fake.password = password
+    version = await MSSQLEngine().test(freetds_conn(port, backup_dir, NASTY, password))
+
+    assert version == "Microsoft SQL Server 2022 (RTM) - 16.0.1000.6 (X64)"
     (login,) = fake.logins
     assert {k: login[k] for k in ("user", "password", "database", "app")} == {
         "user": "sa]x",
@@ -765,19 +865,96 @@ async def test_credentials_reach_the_wire_exactly_through_freetds(
         "database": NASTY,
         "app": "rahatback",
     }
+
+
+@needs_freetds
+async def test_wrong_password_is_auth_failed_through_freetds(
+    backup_dir: Path, tds: tuple[FakeTdsServer, int]
+) -> None:
+    fake, port = tds
+    with pytest.raises(EngineError) as err:
+        await MSSQLEngine().test(freetds_conn(port, backup_dir, password="Wrong-pw-99"))
     assert err.value.code == "auth_failed"
     assert err.value.message == f'login failed for user "sa]x" on 127.0.0.1:{port}'
+    assert fake.logins[0]["password"] == "Wrong-pw-99"
 
 
 @needs_freetds
 async def test_a_password_freetds_cannot_carry_is_refused_before_connecting(
-    backup_dir: Path, tds_server: tuple[FakeTdsServer, int]
+    backup_dir: Path, tds: tuple[FakeTdsServer, int]
 ) -> None:
-    fake, port = tds_server
-    conn = conn_for(backup_dir, driver="FreeTDS", port=port, encrypt=False)
-    conn = Connection(conn.settings, {"password": "abc};PWD={other"})
+    fake, port = tds
     with pytest.raises(EngineError) as err:
-        await MSSQLEngine().test(conn)
+        await MSSQLEngine().test(freetds_conn(port, backup_dir, password="abc};PWD={other"))
     assert err.value.code == "bad_settings"
     assert "abc" not in err.value.message
     assert fake.logins == []
+
+
+@needs_freetds
+async def test_listing_through_freetds(backup_dir: Path, tds: tuple[FakeTdsServer, int]) -> None:
+    fake, port = tds
+    assert await MSSQLEngine().list_databases(freetds_conn(port, backup_dir)) == ["shop", NASTY]
+    assert fake.batches[-1] == LIST_DATABASES_SQL
+    assert fake.logins[0]["database"] == "master"
+
+
+@needs_freetds
+async def test_backup_and_restore_through_freetds(backup_dir: Path, tds: tuple[FakeTdsServer, int]) -> None:
+    fake, port = tds
+    fake.backup = os.urandom(2 * CHUNK_SIZE + 5)
+    chunks = await collect(MSSQLEngine(), freetds_conn(port, backup_dir, NASTY))
+    assert b"".join(chunks) == fake.backup
+    (backup,) = [sql for sql in fake.batches if sql.startswith("BACKUP")]
+    bak = tokenize(backup)[1][1]
+    assert backup == backup_sql(NASTY, bak)
+    assert files_in(backup_dir) == []
+
+    fake.batches.clear()
+    fed = await MSSQLEngine().restore(freetds_conn(port, backup_dir, "shop copy"), replay(fake.backup))
+    assert fed == len(fake.backup)
+    assert fake.restored == fake.backup
+    statements = [sql for sql in fake.batches if not sql.startswith("sp_datatype_info")]
+    assert [tokenize(sql)[0].split(" FROM")[0] for sql in statements] == [
+        "RESTORE VERIFYONLY",
+        "RESTORE HEADERONLY",
+        "RESTORE FILELISTONLY",
+        DEFAULT_DIRS_SQL,
+        "RESTORE DATABASE <id>",
+    ]
+    assert "MOVE N'shop' TO N'/var/opt/mssql/data/shop_copy_" in statements[-1]
+    assert files_in(backup_dir) == []
+
+
+@needs_freetds
+async def test_backup_error_through_freetds(backup_dir: Path, tds: tuple[FakeTdsServer, int]) -> None:
+    fake, port = tds
+    fake.backup = b"x" * 1000
+    fake.fail_backup = _message(
+        3201, "Cannot open backup device '/x.bak'. Operating system error 5(Access is denied.).", 16
+    ) + _message(3013, "BACKUP DATABASE is terminating abnormally.", 16)
+    with pytest.raises(EngineError) as err:
+        await collect(MSSQLEngine(), freetds_conn(port, backup_dir))
+    assert err.value.code == "bad_settings"
+    assert "Cannot open backup device" in err.value.message
+    assert PASSWORD not in err.value.message
+    assert files_in(backup_dir) == []
+
+
+@needs_freetds
+async def test_cancelled_backup_sends_a_cancel_through_freetds(
+    backup_dir: Path, tds: tuple[FakeTdsServer, int]
+) -> None:
+    fake, port = tds
+    fake.backup = b"y" * 1000
+    fake.hang_backup = True
+    task = asyncio.create_task(collect(MSSQLEngine(), freetds_conn(port, backup_dir)))
+    for _ in range(500):
+        if any(sql.startswith("BACKUP") for sql in fake.batches):
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 20)
+    assert fake.attentions == 1  # SQLCancel through aioodbc's pyodbc cursor reached the server
+    assert files_in(backup_dir) == []
