@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fastapi import FastAPI
 from rahatback_api.auth.models import Role
 from rahatback_api.auth.service import add_member, bootstrap_admin, create_user, issue_token
@@ -40,14 +42,20 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return postgres.dsn(name).replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
+# the notifier's key pair: the API seals webhook URLs and secrets to its public half
+NOTIFIER_KEY = X25519PrivateKey.generate()
+
+
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path, nats_server: NatsServer) -> Settings:
+    public = NOTIFIER_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     return Settings(
         database_url=database_url,
         nats_url=nats_server.url,
         master_key=base64.b64encode(os.urandom(32)).decode(),
         dev_mode=False,
         var_dir=tmp_path / "var",
+        notifier_public_key=base64.b64encode(public).decode(),
     )
 
 

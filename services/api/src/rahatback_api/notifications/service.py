@@ -109,7 +109,7 @@ async def create_channel(
         name=data.name,
         kind=data.kind,
         enabled=True if data.enabled is None else data.enabled,
-        events=list(DEFAULT_EVENTS) if data.events is None else data.events,
+        events=sorted(DEFAULT_EVENTS) if data.events is None else data.events,
         job_ids=data.job_ids,
         recipients=[str(r) for r in data.recipients or []],
     )
