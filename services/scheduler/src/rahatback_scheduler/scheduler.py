@@ -110,6 +110,8 @@ class Scheduler:
         self._rewatch = asyncio.Event()
         self._stop = asyncio.Event()
         self._catch_up_slots = asyncio.Semaphore(_CONCURRENT_CATCH_UPS)
+        # set once the first snapshot of SCHEDULES has been applied (streams and buckets exist)
+        self.synced = asyncio.Event()
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -261,6 +263,7 @@ class Scheduler:
                         for key in set(self._loaded) - seen:
                             self._apply(key, None)
                         initial = False
+                        self.synced.set()
                         log.info("watch.synced", schedules=len(self._loaded))
                     continue
                 if initial:
