@@ -462,7 +462,7 @@ async def test_cancelled_restore_kills_mongorestore_and_cleans_up(stand_in: Stan
     task = asyncio.create_task(
         MongoDBEngine().restore(conn_for("shop", spool_dir=str(tmp_path)), replay([archive]))
     )
-    for _ in range(1000):
+    for _ in range(2000):
         if stand_in.seen("mongorestore"):
             break
         await asyncio.sleep(0.01)
