@@ -64,6 +64,17 @@ def wait(path: str, done: set[str]) -> dict[str, Any]:
     raise SystemExit(f"{path} did not finish within 2 minutes")
 
 
+def wait_for_email(run_id: str, timeout: float = 30) -> Path | None:
+    """The notifier's dev outbox: one .eml file per email, mentioning the run's link."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in sorted((VAR / "outbox").glob("*.eml")):
+            if run_id in path.read_text(errors="replace"):
+                return path
+        time.sleep(0.5)
+    return None
+
+
 def main() -> None:
     if not (VAR / "admin-token").exists():
         raise SystemExit("start the stack first: make up (in another terminal)")
@@ -123,6 +134,20 @@ def main() -> None:
             "storage_id": storage["id"],
             "cron": "0 3 * * *",
             "timezone": "Europe/Istanbul",
+            "retention": {"keep_daily": 7, "keep_weekly": 4, "keep_monthly": 6},
+        },
+    )
+
+    step("Email me about this job (with no SMTP server configured, emails land in var/outbox)")
+    call(
+        "POST",
+        "/v1/notifications/channels",
+        {
+            "name": f"me-{suffix}",
+            "kind": "email",
+            "recipients": ["admin@localhost"],
+            "events": ["backup.completed", "backup.failed", "backup.overdue", "restore.failed"],
+            "job_ids": [job["id"]],
         },
     )
 
@@ -137,6 +162,8 @@ def main() -> None:
     )
     print(f"    {VAR / 'backups' / run['storage_key']}")
     print(f"    sha256 {run['artifact_sha256']}")
+    email = wait_for_email(run["id"])
+    print(f"    email: {email}" if email else "    no email yet: is the notifier running? (var/notifier.log)")
 
     step(f"Restore it into a new database file: {restored}")
     target = call(

@@ -70,6 +70,11 @@ class Stack:
             "RAHATBACK_NATS_URL": self.nats_url,
             "RAHATBACK_PUBLIC_URL": self.api,
             "RAHATBACK_AGENT_CONFIG": str(var / "agent" / "agent.json"),
+            "RAHATBACK_SCHEDULER_NATS_URL": self.nats_url,
+            "RAHATBACK_NOTIFIER_NATS_URL": self.nats_url,
+            "RAHATBACK_NOTIFIER_PRIVATE_KEY_FILE": str(var / "notifier.key"),
+            # no RAHATBACK_NOTIFIER_SMTP_HOST set: emails are written to this folder as .eml files
+            "RAHATBACK_NOTIFIER_OUTBOX_DIR": str(var / "outbox"),
         }
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
@@ -97,10 +102,24 @@ class Stack:
             ],
         )
         token = self.bootstrap_admin()
+        self.env["RAHATBACK_NOTIFIER_PUBLIC_KEY"] = self.notifier_public_key()
         self.start_api()
+        self.spawn("scheduler", [str(BIN / "rahatback-scheduler"), "run"])
+        self.spawn("notifier", [str(BIN / "rahatback-notifier"), "run"])
         self.enroll_agent(token)
         self.start_agent(token)
         return token
+
+    def notifier_public_key(self) -> str:
+        """The notifier's key pair lives in var/notifier.key; the API seals webhook URLs to it."""
+        notifier = str(BIN / "rahatback-notifier")
+        if not (self.var / "notifier.key").exists():
+            keygen = [notifier, "keygen", "--out", str(self.var / "notifier.key")]
+            subprocess.run(keygen, env=self.env, check=True, cwd=ROOT, capture_output=True)
+        out = subprocess.run(
+            [notifier, "public-key"], env=self.env, check=True, cwd=ROOT, capture_output=True, text=True
+        )
+        return out.stdout.strip().splitlines()[-1]
 
     def start_api(self) -> None:
         self.spawn(
@@ -201,7 +220,8 @@ def main() -> None:
             f"  admin token  {token}\n"
             f"               (also in {args.var}/admin-token;\n"
             f"                login admin@localhost, password in {args.var}/admin-password)\n"
-            f"  NATS         {stack.nats_url}   logs: {args.var}/*.log\n\n"
+            f"  NATS         {stack.nats_url}   logs: {args.var}/*.log\n"
+            f"  emails       {args.var}/outbox/*.eml  (set RAHATBACK_NOTIFIER_SMTP_HOST to send them)\n\n"
             f"Try a first backup in another terminal:  make demo\n"
             f"Ctrl-C stops the stack.\n",
             flush=True,

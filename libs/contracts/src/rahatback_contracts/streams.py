@@ -121,6 +121,8 @@ class ConsumerSpec:
     filter_subjects: tuple[str, ...] = field(default_factory=tuple)
     ack_wait_seconds: int = 30
     max_deliver: int = 20
+    # where a new consumer starts: "new" skips what the stream already held when it was created
+    deliver_policy: Literal["all", "new"] = "all"
 
 
 # never give up on a report (malformed ones are terminated explicitly): during a database outage
@@ -129,7 +131,13 @@ API_REPORTS_CONSUMER = ConsumerSpec(stream=AGENT_REPORTS.name, durable="api-repo
 API_CONTROL_CONSUMER = ConsumerSpec(stream=CONTROL.name, durable="api-control")
 # the notifier retries a failing channel with nak(delay) and dead-letters it after its last attempt
 NOTIFIER_EVENTS_CONSUMER = ConsumerSpec(
-    stream=EVENTS.name, durable="notifier", ack_wait_seconds=60, max_deliver=-1
+    stream=EVENTS.name,
+    durable="notifier",
+    ack_wait_seconds=60,
+    max_deliver=-1,
+    # created by the API at start (so events wait for a notifier started later) and by the notifier
+    # if it comes first; either way it starts at new events, never mailing weeks of history at once
+    deliver_policy="new",
 )
 
 

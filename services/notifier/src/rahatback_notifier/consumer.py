@@ -110,9 +110,9 @@ def _consumer_config(spec: streams.ConsumerSpec) -> ConsumerConfig:
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=float(spec.ack_wait_seconds),
         max_deliver=spec.max_deliver,
-        # a notifier started for the first time on a stream with weeks of history must not mail all
-        # of it; from then on the durable consumer remembers where it is, across restarts
-        deliver_policy=DeliverPolicy.NEW,
+        # see the spec: a first start must not mail weeks of history; from then on the durable
+        # consumer remembers where it is, across restarts
+        deliver_policy=DeliverPolicy.NEW if spec.deliver_policy == "new" else DeliverPolicy.ALL,
     )
 
 

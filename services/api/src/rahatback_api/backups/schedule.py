@@ -1,17 +1,19 @@
-"""Schedule validation: cron expressions and IANA time zones."""
+"""Schedule validation: cron expressions (the scheduler's own parser) and IANA time zones."""
 
 from __future__ import annotations
 
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter  # type: ignore[import-untyped]  # croniter ships no type hints
+from rahatback_contracts.cron import CronError
+from rahatback_contracts.cron import check_cron as parse_cron
 
 
 def check_cron(expression: str) -> str:
-    expression = " ".join(expression.split())
-    if not croniter.is_valid(expression):
-        raise ValueError(f"{expression!r} is not a valid cron expression (e.g. '0 3 * * *')")
-    return expression
+    try:
+        return parse_cron(expression)
+    except CronError as exc:
+        # the parser's message says what is wrong; add what a good one looks like
+        raise ValueError(f"{exc} (e.g. '0 3 * * *' for 03:00 every day)") from None
 
 
 def check_timezone(name: str) -> str:

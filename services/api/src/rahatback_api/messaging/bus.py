@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -12,8 +13,15 @@ from nats.aio.client import Client
 from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, RetentionPolicy, StreamConfig
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from rahatback_contracts import streams
 from rahatback_contracts.messages import Message
@@ -55,6 +63,7 @@ def _consumer_config(spec: streams.ConsumerSpec) -> ConsumerConfig:
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=float(spec.ack_wait_seconds),
         max_deliver=spec.max_deliver,
+        deliver_policy=DeliverPolicy.NEW if spec.deliver_policy == "new" else DeliverPolicy.ALL,
         filter_subject=filters[0] if len(filters) == 1 else None,
         filter_subjects=filters if len(filters) > 1 else None,
     )
@@ -110,6 +119,9 @@ class Bus:
                 await self.js.add_stream(config)
         for consumer in (streams.API_REPORTS_CONSUMER, streams.API_CONTROL_CONSUMER):
             await self.ensure_consumer(consumer)
+        # created here too, so events committed before the notifier first starts still reach it
+        with contextlib.suppress(BadRequestError):  # the notifier created it already, maybe differently
+            await self.ensure_consumer(streams.NOTIFIER_EVENTS_CONSUMER)
         for kv in streams.ALL_KEY_VALUES:
             await self.ensure_key_value(kv)
 
