@@ -7,6 +7,8 @@ can repeat with curl (printed as it goes).
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import os
 import sqlite3
@@ -69,7 +71,9 @@ def wait_for_email(run_id: str, timeout: float = 30) -> Path | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for path in sorted((VAR / "outbox").glob("*.eml")):
-            if run_id in path.read_text(errors="replace"):
+            message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+            body = message.get_body(("plain",))
+            if body is not None and run_id in body.get_content():
                 return path
         time.sleep(0.5)
     return None
@@ -145,7 +149,7 @@ def main() -> None:
         {
             "name": f"me-{suffix}",
             "kind": "email",
-            "recipients": ["admin@localhost"],
+            "recipients": ["you@example.com"],
             "events": ["backup.completed", "backup.failed", "backup.overdue", "restore.failed"],
             "job_ids": [job["id"]],
         },
