@@ -183,6 +183,10 @@ async def test_watchdog_fails_runs_of_silent_agents_and_stalled_runs(
 ) -> None:
     agent = await add_agent(tenant)
     silent = await run_now(client, tenant)
+    channel = {"name": "oncall", "kind": "email", "recipients": ["oncall@example.com"]}
+    assert (
+        await client.post("/v1/notifications/channels", json=channel, headers=tenant.headers)
+    ).status_code == 201
     async with session_scope(sessionmaker) as session:
         run = await session.get(BackupRun, silent["id"])
         stored_agent = await session.get(Agent, agent.id)
@@ -196,6 +200,13 @@ async def test_watchdog_fails_runs_of_silent_agents_and_stalled_runs(
 
     r = await client.get(f"/v1/backups/history/{silent['id']}", headers=tenant.headers)
     assert r.json()["status"] == "failed" and "stopped heartbeating" in r.json()["error"]
+    # a hung run failed by the watchdog notifies like any failure
+    async with session_scope(sessionmaker) as session:
+        failed = (
+            await session.execute(select(OutboxMessage).where(OutboxMessage.subject == "backup.failed"))
+        ).scalar_one()
+    event = m.parse_event(failed.payload.encode())
+    assert [t.recipients for t in event.notify] == [["oncall@example.com"]]
 
     # an agent that heartbeats but whose run makes no progress
     await add_agent(tenant)  # the newest online agent takes the next run
