@@ -151,9 +151,13 @@ class DbTestReply(Message):
     ok: bool
     server_version: str | None = None
     latency_ms: float | None = None
-    # machine-readable cause: auth_failed | unreachable | unknown_database | bad_settings | timeout | error
+    # machine-readable cause: auth_failed | unreachable | unknown_database | bad_settings | timeout |
+    # tool_missing | tool_too_old | error
     error_code: str | None = None
     error: str | None = None
+    # the connection works but a backup would not, e.g. "pg_dump 13 cannot dump server 15: install
+    # postgresql-client-15"
+    warning: str | None = None
 
 
 class StorageTestRequest(Message):
@@ -263,6 +267,8 @@ class Heartbeat(Message):
     engines: list[Engine] = Field(default_factory=list)
     storages: list[StorageKind] = Field(default_factory=list)
     running: list[str] = Field(default_factory=list)
+    # dump/restore tools found at start-up: name → version ("pg_dump" → "15.18"); absent = not found
+    tools: dict[str, str] = Field(default_factory=dict)
     at: AwareDatetime
 
 
