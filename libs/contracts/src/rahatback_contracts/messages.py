@@ -96,10 +96,13 @@ class Command(Message):
 
 
 class BackupCommand(Command):
+    """One dump, written to `storage` and every `extra_storages` target at once (3-2-1 copies)."""
+
     run_id: str
     job_id: str
     database: DatabaseTarget
     storage: StorageTarget
+    extra_storages: list[StorageTarget] = Field(default_factory=list)
     compression: Compression = "zstd"
     compression_level: int = 3
     encryption: EncryptionSpec
@@ -186,7 +189,22 @@ class BackupStarted(Report):
     agent_version: str
 
 
+class CopyResult(BaseModel):
+    """One storage's copy of a backup: where it is, or why it is not there."""
+
+    model_config = ConfigDict(frozen=True)
+
+    storage_id: str | None = None
+    ok: bool
+    storage_key: str | None = None
+    manifest_key: str | None = None
+    error: str | None = None
+
+
 class BackupCompleted(Report):
+    """At least one copy is complete. `storage_key`/`manifest_key` name the first complete copy (the
+    primary storage's when it succeeded); `copies` lists every target, failed ones with their error."""
+
     run_id: str
     started_at: AwareDatetime
     finished_at: AwareDatetime
@@ -199,6 +217,7 @@ class BackupCompleted(Report):
     server_version: str | None = None
     dump_format: str
     agent_version: str
+    copies: list[CopyResult] = Field(default_factory=list)
 
 
 class BackupFailed(Report):
