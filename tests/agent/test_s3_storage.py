@@ -27,7 +27,6 @@ from rahatback_agent.storages.base import Storage, StorageError
 from rahatback_agent.storages.local import LocalStorage
 from rahatback_agent.storages.registry import get_storage
 from rahatback_agent.storages.s3 import (
-    DEFAULT_PART_SIZE,
     MAX_PARTS,
     S3Storage,
     max_object_size,
@@ -118,21 +117,22 @@ def allow(actions: list[str], resource: str) -> dict[str, Any]:
 
 
 def test_part_size_rule_stays_under_the_part_limit_far_beyond_50_gb() -> None:
-    assert 8 * MiB == DEFAULT_PART_SIZE
     assert [part_size_for(n) // MiB for n in (1, 1000, 1001, 2000, 2001, 9001, MAX_PARTS)] == [
-        8,
-        8,
-        16,
-        16,
-        32,
-        4096,
-        4096,
+        6,
+        6,
+        12,
+        12,
+        24,
+        3072,
+        3072,
     ]
     # 10,000 parts hold more than S3's own 5 TiB object limit: every object S3 accepts fits
-    assert max_object_size() == 1000 * 8 * MiB * (2**10 - 1)
+    assert max_object_size() == 1000 * 6 * MiB * (2**10 - 1)
     assert max_object_size() > 5 * (1 << 40)
-    # a 50 GB artifact is done within the first 3,000 parts
-    assert sum(part_size_for(n) for n in range(1, 3001)) > 50 * 10**9
+    # ... and 6 MiB is the smallest whole-MiB start for which that holds
+    assert max_object_size(base=5 * MiB) < 5 * (1 << 40)
+    # a 50 GB artifact is done within the first 4,000 parts
+    assert sum(part_size_for(n) for n in range(1, 4001)) > 50 * 10**9
     # the cap is S3's largest part
     assert part_size_for(10_000, base=1 << 30) == 5 << 30
 

@@ -2,14 +2,15 @@
 
 Uploads stream as multipart uploads: bytes are buffered up to one part, and a few parts upload at
 once, so memory stays bounded whatever the artifact size and a slow bucket slows the dump down.
-Part n (1-based) is `part_size * 2**((n - 1) // 1000)` bytes, capped at S3's 5 GiB: with the default
-8 MiB the first 1,000 parts are 8 MiB (7.8 GiB), the next 1,000 are 16 MiB, and so on. The size of
-an artifact is unknown until the dump ends, and this rule keeps small backups cheap while 10,000
-parts still hold 7.8 TiB, more than S3's own 5 TiB object limit, so every object S3 accepts fits.
-Parts in flight are limited to `max_in_flight` (3) and, together, to `in_flight_bytes` (64 MiB, but
-always at least one part), so the writer holds one filling part plus the parts in flight: 32 MiB
-while parts are 8 MiB (the first 7.8 GiB), 64 MiB at 16 MiB, 96 MiB at 32 MiB, 128 MiB at 64 MiB
-(artifacts beyond ~55 GiB), then two parts (256 MiB beyond ~117 GiB, 512 MiB beyond ~242 GiB).
+Part n (1-based) is `part_size * 2**((n - 1) // 1000)` bytes, capped at S3's 5 GiB. The default
+6 MiB is the smallest whole number of MiB for which 10,000 parts (5.85 TiB) exceed S3's own 5 TiB
+object limit, so every object S3 accepts fits although the artifact's size is unknown until the
+dump ends: the first 1,000 parts are 6 MiB (5.9 GiB), the next 1,000 are 12 MiB (to 17.6 GiB),
+then 24 MiB (to 41 GiB), 48 MiB (to 88 GiB), and so on; small backups keep small parts.
+Parts in flight are limited to `max_in_flight` (2) and, together, to `in_flight_bytes` (32 MiB, but
+always at least one part), so the writer holds one filling part plus the parts in flight: 18 MiB
+while parts are 6 MiB, 36 MiB at 12 MiB, 48 MiB at 24 MiB (artifacts beyond 17.6 GiB), 96 MiB at
+48 MiB (beyond 41 GiB), 192 MiB at 96 MiB (beyond 88 GiB).
 
 An artifact under one part goes up with a single PutObject. Nothing is visible under the key until
 `commit()`; any failure or cancellation aborts the multipart upload (and checks no part is left),
@@ -70,10 +71,10 @@ MiB = 1 << 20
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
 MAX_PART_SIZE = 5 * 1024 * MiB  # S3's maximum part size
 MAX_PARTS = 10_000
-DEFAULT_PART_SIZE = 8 * MiB
+DEFAULT_PART_SIZE = 6 * MiB
 PARTS_PER_STEP = 1_000
-DEFAULT_MAX_IN_FLIGHT = 3
-DEFAULT_IN_FLIGHT_BYTES = 64 * MiB
+DEFAULT_MAX_IN_FLIGHT = 2
+DEFAULT_IN_FLIGHT_BYTES = 32 * MiB
 DEFAULT_RANGE_SIZE = 16 * MiB
 READ_CHUNK = 1 << 20
 READ_ATTEMPTS = 3  # per range: a connection that breaks mid-body is retried from where it broke
