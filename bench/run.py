@@ -11,6 +11,10 @@ processes `make up` starts), then measures, interleaved and N times each (median
 - restore into an empty database: `zstd -d < dump.sql.zst | psql --single-transaction` vs a
   RahatBack restore through the API.
 
+- the S3 path (unless `--no-s3`): the same RahatBack backup of the full database into S3 (a
+  moto_server on loopback, through the agent's aioboto3 multipart upload) vs into local storage:
+  wall time, artifact throughput, agent CPU and peak RSS.
+
 Writes docs/benchmarks.md and prints the same table. `--quick` is a ~100 MB smoke run.
 """
 
@@ -41,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.devstack import Stack  # noqa: E402
-from tests.servers import PG_BIN, PostgresServer, free_port, running_postgres  # noqa: E402
+from tests.servers import PG_BIN, MotoServer, PostgresServer, free_port, running_moto, running_postgres  # noqa: E402
 
 BACKUP_TARGET = 1.10
 RESTORE_TARGET = 1.10
@@ -339,6 +343,25 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+@dataclass
+class StoragePath:
+    """RahatBack backups of one dataset, alternating between local storage and S3."""
+
+    label: str
+    local: Series = field(default_factory=Series)
+    s3: Series = field(default_factory=Series)
+    local_cpu: Series = field(default_factory=Series)
+    s3_cpu: Series = field(default_factory=Series)
+    local_rss_kib: list[int] = field(default_factory=list)
+    s3_rss_kib: list[int] = field(default_factory=list)
+    artifact_bytes: list[int] = field(default_factory=list)
+    hwm_kib: int | None = None
+
+    def throughput(self, seconds: Series) -> float:
+        """Artifact MiB per second of wall time (median artifact size / median time)."""
+        return statistics.median(self.artifact_bytes) / (1 << 20) / seconds.median
+
+
 # ------------------------------------------------------------------------------------ bench
 
 
@@ -368,6 +391,8 @@ class Bench:
         self.newest_artifact: dict[str, Path] = {}
         self.last_run_id = ""
         self.agent_version = "?"
+        self.s3_paths: list[StoragePath] = []
+        self.s3_bucket = ""
 
     # -- setup
 
@@ -579,6 +604,133 @@ class Bench:
         row.code = list(dict.fromkeys(row.code))
         return row
 
+    # -- the S3 path
+
+    def register_s3(self, api: Api, s3: MotoServer, agent_id: str, d: Dataset) -> str:
+        bucket = s3.create_bucket("bench")
+        storage = api.ok(
+            "POST",
+            "/v1/storages",
+            {
+                "name": "bench-s3",
+                "kind": "s3",
+                "agent_id": agent_id,
+                "settings": {
+                    "bucket": bucket,
+                    "prefix": "bench",
+                    "endpoint_url": s3.url,
+                    "region": s3.region,
+                    "path_style": True,
+                    "access_key_id": s3.access_key_id,
+                    "secret_access_key": s3.secret_access_key,
+                },
+            },
+        )
+        job = api.ok(
+            "POST",
+            "/v1/backups/jobs",
+            {
+                "name": f"bench-s3-{d.label}",
+                "database_id": d.database_id,
+                "storage_id": storage["id"],
+                "compression": "zstd",
+                "compression_level": 3,
+                "encryption_enabled": True,
+                "cron": "0 3 1 1 *",
+                "timezone": "UTC",
+            },
+        )
+        self.s3_bucket = bucket
+        return str(job["id"])
+
+    def timed_backup(self, api: Api, job_id: str, pid: int) -> tuple[float, float, int, dict[str, Any]]:
+        """(wall s from POST to the completed event, agent CPU s, agent peak VmRSS KiB, the run)."""
+        cpu_before = cpu_seconds(pid)
+        with RssSampler(pid) as rss:
+            started = time.perf_counter()
+            run = api.ok("POST", f"/v1/backups/jobs/{job_id}/run")
+            elapsed = self.events.wait(run["id"], timeout=3600) - started
+        run = api.wait(f"/v1/backups/history/{run['id']}", timeout=60)
+        return elapsed, cpu_seconds(pid) - cpu_before, rss.peak_kib, run
+
+    def s3_row(
+        self, stack: Stack, token: str, api: Api, s3: MotoServer, d: Dataset, s3_job_id: str
+    ) -> StoragePath:
+        path = StoragePath(f"backup, {d.label} ({human(d.db_bytes)} database)")
+        pid = self.restart_agent(stack, token)
+        bucket = s3.client()
+
+        def local_run() -> None:
+            elapsed, cpu, rss, run = self.timed_backup(api, d.job_id, pid)
+            path.local.values.append(elapsed)
+            path.local_cpu.values.append(cpu)
+            path.local_rss_kib.append(rss)
+            if self.args.prune:
+                (self.backups / run["storage_key"]).unlink(missing_ok=True)
+
+        def s3_run() -> None:
+            elapsed, cpu, rss, run = self.timed_backup(api, s3_job_id, pid)
+            path.s3.values.append(elapsed)
+            path.s3_cpu.values.append(cpu)
+            path.s3_rss_kib.append(rss)
+            path.artifact_bytes.append(int(run["artifact_size"]))
+            head = bucket.head_object(Bucket=self.s3_bucket, Key=run["storage_key"])
+            if head["ContentLength"] != run["artifact_size"]:
+                raise SystemExit(
+                    f"S3 object is {head['ContentLength']} bytes, the run says {run['artifact_size']}"
+                )
+            if self.args.prune:  # moto keeps objects in its own process: do not let them pile up
+                bucket.delete_object(Bucket=self.s3_bucket, Key=run["storage_key"])
+
+        for i in range(self.runs):
+            order = [local_run, s3_run]
+            if i % 2:
+                order.reverse()
+            for step in order:
+                step()
+            log(
+                f"s3 path run {i + 1}: local {path.local.values[-1]:.2f} s, s3 {path.s3.values[-1]:.2f} s, "
+                f"agent rss peak local {path.local_rss_kib[-1] / 1024:.1f} MiB, "
+                f"s3 {path.s3_rss_kib[-1] / 1024:.1f} MiB, load {loadavg()}"
+            )
+        path.hwm_kib = status_kib(pid, "VmHWM")
+        return path
+
+    def s3_table(self) -> str:
+        lines = [
+            "| measurement | to local storage, runs (s) | median | to S3 (moto), runs (s) | median "
+            "| S3 / local | artifact MiB/s, local / S3 | agent CPU s (median), local / S3 "
+            "| agent peak RSS, local / S3 (VmRSS / 50 ms) | VmHWM after the runs |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in self.s3_paths:
+            lines.append(
+                f"| {p.label} | {p.local.cell()} | {p.local.median:.2f} | {p.s3.cell()} | {p.s3.median:.2f} "
+                f"| {p.s3.median / p.local.median:.2f} "
+                f"| {p.throughput(p.local):.1f} / {p.throughput(p.s3):.1f} "
+                f"| {p.local_cpu.median:.2f} / {p.s3_cpu.median:.2f} "
+                f"| {max(p.local_rss_kib) / 1024:.1f} / {max(p.s3_rss_kib) / 1024:.1f} MiB "
+                f"| {(p.hwm_kib or 0) / 1024:.1f} MiB {verdict((p.hwm_kib or 0) / 1024 <= RSS_TARGET_MIB)} |"
+            )
+        return "\n".join(lines)
+
+    def s3_section(self) -> str:
+        if not self.s3_paths:
+            return ""
+        return f"""
+## S3 path
+
+{self.s3_table()}
+
+The same RahatBack backup job run against two storages, alternating: local storage (as above) and
+S3 — a `moto_server` on loopback with signatures and IAM checked, reached through the agent's
+aioboto3 streaming multipart upload (6 MiB parts, up to 2 in flight). Throughput is artifact
+bytes per second of wall time from the POST to the `backup.completed` event. moto is a
+single-process Python server that keeps every part and copies them again on completion, so the
+S3 wall time measures moto more than the agent; the agent's CPU and peak RSS are the numbers
+that carry over to a real S3 endpoint.
+"""
+
     # -- report
 
     def collect_versions(self, pg: PostgresServer) -> None:
@@ -715,6 +867,7 @@ relay → NATS → SSE event).
 |---|---|
 {versions}
 
+{self.s3_section()}
 ## Notes
 
 {self.notes()}
@@ -764,7 +917,7 @@ relay → NATS → SSE event).
                 token = stack.start()
                 api = Api(stack.api, token)
                 self.events = EventStream(api)
-                _, target_id = self.register(api, pg)
+                agent_id, target_id = self.register(api, pg)
                 self.collect_versions(pg)
                 full, half = self.datasets
                 log(f"load average {self.load_start}; measuring backups")
@@ -773,6 +926,11 @@ relay → NATS → SSE event).
                 self.rows.append(self.backup_row(stack, token, api, pg, half))
                 log("measuring restores")
                 self.rows.append(self.restore_row(stack, token, api, pg, full, full_run_id, target_id))
+                if self.args.s3:
+                    log("measuring the S3 path (moto_server on loopback)")
+                    with running_moto(self.work / "moto") as s3:
+                        s3_job = self.register_s3(api, s3, agent_id, full)
+                        self.s3_paths.append(self.s3_row(stack, token, api, s3, full, s3_job))
             finally:
                 stack.stop()
         self.load_end = loadavg()
@@ -783,6 +941,9 @@ relay → NATS → SSE event).
         print(self.table())
         print()
         print(self.details())
+        if self.s3_paths:
+            print()
+            print(self.s3_table())
         print(f"\nload average at start {self.load_start}, at end {self.load_end}; written to {output}")
         if not self.args.keep:
             shutil.rmtree(self.work, ignore_errors=True)
@@ -800,6 +961,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work folder afterwards")
     parser.add_argument("--no-prune", dest="prune", action="store_false", help="keep every artifact")
     parser.add_argument("--note", help="extra text for the Notes section of the report")
+    parser.add_argument("--no-s3", dest="s3", action="store_false", help="skip the S3 (moto) path")
     args = parser.parse_args()
     if args.quick:
         args.scale = 0.1
