@@ -171,7 +171,7 @@ async def test_heartbeat_arrives_with_capabilities(
             beat = mine[0]
             assert beat["version"]
             assert "postgresql" in beat["engines"] and "sqlite" in beat["engines"]
-            assert beat["storages"] == ["local"]
+            assert beat["storages"] == ["local", "s3", "gdrive"]
             assert beat["running"] == []
             # it keeps beating
             count = len(mine)
@@ -250,14 +250,15 @@ async def test_storage_test_rpc(nats_server: NatsServer, api_nc: NATS, tmp_path:
             ),
         )
         assert bad["ok"] is False and bad["error_code"] == "bad_settings", bad
-        unsupported = await agent.request(
+        incomplete = await agent.request(
             "storage.test",
             StorageTestRequest(
                 request_id=uuid.uuid4().hex,
                 storage=StorageTarget(name="gd", kind="gdrive", settings={}),
             ),
         )
-        assert unsupported["ok"] is False and "gdrive" in unsupported["error"], unsupported
+        assert incomplete["ok"] is False and incomplete["error_code"] == "bad_settings", incomplete
+        assert "folder_id" in incomplete["error"]
 
 
 # ------------------------------------------------------------------ backup and restore

@@ -7,6 +7,7 @@ moved by `pipeline`. Every function returns the report to send; only cancellatio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import typing
@@ -20,6 +21,7 @@ from rahatback_contracts.messages import (
     BackupCommand,
     BackupCompleted,
     BackupFailed,
+    CopyResult,
     DbTestReply,
     DbTestRequest,
     PruneCommand,
@@ -30,17 +32,19 @@ from rahatback_contracts.messages import (
     RestoreCompleted,
     RestoreFailed,
     Stage,
+    StorageTarget,
     StorageTestReply,
     StorageTestRequest,
     seal_info,
 )
 from rahatback_contracts.messages import Engine as EngineName
 
-from . import __version__
+from . import __version__, tools
 from .artifact import ArtifactError
 from .engines.base import Connection, Engine, EngineError
 from .sealing import SealingError, open_job_key, open_optional
-from .storages.base import StorageError
+from .storages.base import ArtifactWriter, Storage, StorageError
+from .storages.fanout import Copy, FanOutWriter
 from .storages.registry import SUPPORTED_KINDS, get_storage
 
 log = structlog.get_logger("rahatback_agent.jobs")
@@ -161,7 +165,7 @@ async def run_backup(
     started_at = _now()
     bound = structlog.contextvars.bound_contextvars(run_id=cmd.run_id, agent_id=agent_id)
     db_secrets: dict[str, Any] = {}
-    storage_secrets: dict[str, Any] = {}
+    storage_secrets: list[dict[str, Any]] = []
     stage: Stage = "queued"
 
     def set_stage(new: Stage) -> None:
@@ -173,7 +177,8 @@ async def run_backup(
         try:
             info = seal_info("run", cmd.run_id)
             db_secrets = open_optional(private_key, cmd.database.secrets, info)
-            storage_secrets = open_optional(private_key, cmd.storage.secrets, info)
+            targets = [cmd.storage, *cmd.extra_storages]
+            storage_secrets = [open_optional(private_key, t.secrets, info) for t in targets]
             job_key: bytes | None = None
             key_id: str | None = None
             if cmd.encryption.enabled:
@@ -188,19 +193,28 @@ async def run_backup(
             engine = get_engine(cmd.database.engine)
             conn = Connection(settings=dict(cmd.database.settings), secrets=_as_str_secrets(db_secrets))
             server_version = await engine.test(conn)
+            await tools.ensure_tools(engine, "dump", server_version)
 
-            storage = get_storage(cmd.storage, storage_secrets)
-            key = build_storage_key(
-                prefix=str(cmd.storage.settings.get("prefix") or ""),
-                database_name=cmd.database.name,
-                run_id=cmd.run_id,
-                when=started_at,
-                dump_extension=engine.dump_extension,
-                artifact_extension=artifact_extension(cmd.compression, job_key is not None),
-            )
-            log.info("backup starting", storage_key=key, engine=engine.name)
+            copies = [
+                _BackupCopy(
+                    target,
+                    build_storage_key(
+                        prefix=str(target.settings.get("prefix") or ""),
+                        database_name=cmd.database.name,
+                        run_id=cmd.run_id,
+                        when=started_at,
+                        dump_extension=engine.dump_extension,
+                        artifact_extension=artifact_extension(cmd.compression, job_key is not None),
+                    ),
+                )
+                for target in targets
+            ]
+            log.info("backup starting", storage_keys=[c.key for c in copies], engine=engine.name)
             async with engine.dump(conn) as source:
-                writer = await storage.open_writer(key)
+                writer = FanOutWriter(
+                    [await c.open(secrets) for c, secrets in zip(copies, storage_secrets, strict=True)],
+                    describe=lambda exc: _scrub(describe_error(exc), db_secrets, *storage_secrets),
+                )
                 try:
                     result = await run_backup_pipeline(
                         source,
@@ -234,18 +248,29 @@ async def run_backup(
                 created_at=finished_at,
                 database_name=cmd.database.name,
             )
-            manifest_at = manifest_key(key)
             # written only once the artifact is committed: a manifest always describes a real artifact
-            await storage.put_bytes(manifest_at, manifest.to_json())
-            log.info("backup completed", storage_key=key, artifact_size=result.artifact_size)
+            for copy, fanned in zip(copies, writer.copies, strict=True):
+                if fanned.committed:
+                    await copy.write_manifest(manifest.to_json(), manifest_key(copy.key))
+                else:
+                    copy.error = fanned.error or "not written"
+            done = [c for c in copies if c.error is None]
+            if not done:
+                raise StorageError("all_copies_failed", writer.summary())
+            log.info(
+                "backup completed",
+                storage_keys=[c.key for c in done],
+                failed_copies=len(copies) - len(done),
+                artifact_size=result.artifact_size,
+            )
             return BackupCompleted(
                 agent_id=agent_id,
                 occurred_at=finished_at,
                 run_id=cmd.run_id,
                 started_at=started_at,
                 finished_at=finished_at,
-                storage_key=key,
-                manifest_key=manifest_at,
+                storage_key=done[0].key,
+                manifest_key=manifest_key(done[0].key),
                 dump_size=result.dump_size,
                 artifact_size=result.artifact_size,
                 dump_sha256=result.dump_sha256,
@@ -253,14 +278,65 @@ async def run_backup(
                 server_version=server_version,
                 dump_format=engine.dump_format,
                 agent_version=__version__,
+                copies=[c.result(manifest_key(c.key)) for c in copies],
             )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            error = _report_failure("backup", exc, stage, db_secrets, storage_secrets)
+            error = _report_failure("backup", exc, stage, db_secrets, *storage_secrets)
             return BackupFailed(
                 agent_id=agent_id, occurred_at=_now(), run_id=cmd.run_id, stage=stage, error=error
             )
+
+
+class _BackupCopy:
+    """One target storage of a backup: its key, and what became of the copy."""
+
+    def __init__(self, target: StorageTarget, key: str) -> None:
+        self.target = target
+        self.key = key
+        self.storage: Storage | None = None
+        self.error: str | None = None
+
+    async def open(self, secrets: dict[str, Any]) -> Copy:
+        """The copy's writer; a storage that cannot even be opened fails only this copy."""
+        try:
+            self.storage = get_storage(self.target, secrets)
+            writer: ArtifactWriter = await self.storage.open_writer(self.key)
+        except StorageError as exc:
+            self.error = _scrub(exc.message, secrets)
+            return Copy(self.target.name, _NoWriter(), error=self.error)
+        return Copy(self.target.name, writer)
+
+    async def write_manifest(self, data: bytes, key: str) -> None:
+        assert self.storage is not None
+        try:
+            await self.storage.put_bytes(key, data)
+        except StorageError as exc:
+            # an artifact without its manifest is not a usable copy: remove it, report the copy failed
+            self.error = f"writing the manifest failed: {exc.message}"
+            with contextlib.suppress(StorageError):
+                await self.storage.delete(self.key)
+
+    def result(self, manifest_at: str) -> CopyResult:
+        if self.error is not None:
+            return CopyResult(storage_id=self.target.storage_id, ok=False, error=self.error)
+        return CopyResult(
+            storage_id=self.target.storage_id, ok=True, storage_key=self.key, manifest_key=manifest_at
+        )
+
+
+class _NoWriter:
+    """Stands in for a copy whose storage could not be opened (FanOutWriter skips failed copies)."""
+
+    async def write(self, data: bytes) -> None:  # pragma: no cover - never called for a failed copy
+        raise AssertionError("write to a failed copy")
+
+    async def commit(self) -> None:  # pragma: no cover
+        raise AssertionError("commit of a failed copy")
+
+    async def abort(self) -> None:
+        return None
 
 
 def _report_failure(kind: str, exc: Exception, stage: Stage, *secrets: dict[str, Any]) -> str:
@@ -306,7 +382,10 @@ async def run_restore(
             engine = get_engine(cmd.database.engine)
             conn = Connection(settings=dict(cmd.database.settings), secrets=_as_str_secrets(db_secrets))
             # no connection test first: a restore may create its target (a new SQLite file), and the
-            # engine's restore reports an unreachable or refused target just as clearly
+            # engine's restore reports an unreachable or refused target just as clearly; except where
+            # a restore tool must suit the server, which is asked its version before any download
+            if engine.tools:
+                await tools.ensure_tools(engine, "restore", await engine.test(conn))
             storage = get_storage(cmd.storage, storage_secrets)
             log.info("restore starting", storage_key=cmd.storage_key, engine=engine.name)
 
@@ -352,7 +431,16 @@ async def test_database(request: DbTestRequest, *, private_key: X25519PrivateKey
         conn = Connection(settings=dict(request.database.settings), secrets=_as_str_secrets(secrets))
         async with asyncio.timeout(DB_TEST_TIMEOUT_SECONDS):
             version = await engine.test(conn)
-        return DbTestReply(ok=True, server_version=version, latency_ms=(time.monotonic() - started) * 1000)
+            latency_ms = (time.monotonic() - started) * 1000
+            # the connection works (ok), but say so now if a backup or restore would not
+            problem = await tools.connection_warning(engine, version)
+        return DbTestReply(
+            ok=True,
+            server_version=version,
+            latency_ms=latency_ms,
+            error_code=problem.code if problem and problem.fatal else None,
+            warning=problem.message if problem else None,
+        )
     except EngineError as exc:
         return DbTestReply(ok=False, error_code=exc.code, error=_scrub(exc.message, secrets))
     except SealingError as exc:
