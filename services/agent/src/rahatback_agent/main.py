@@ -112,16 +112,20 @@ def enroll(
     return 0
 
 
-def limit_malloc_arenas(arenas: int = 2) -> None:
+def limit_malloc_arenas(arenas: int = 2, mmap_threshold: int = 4 << 20) -> None:
     """Cap glibc's per-thread malloc arenas. Each backup's worker threads otherwise get fresh arenas
     that keep their freed buffers, and a long-lived agent's RSS creeps up backup after backup
-    (measured: 52 → 148 MiB over 8 backups; capped at 2 arenas it stays between 48 and 92 MiB)."""
+    (measured: 52 → 148 MiB over 8 backups; capped at 2 arenas it stays between 48 and 92 MiB).
+    A fixed mmap threshold returns multi-MiB buffers (S3 parts) to the system when freed, instead of
+    glibc raising the threshold and keeping them on the heap (measured after three 150 MiB S3
+    uploads: 113 MiB RSS with it, 148-182 MiB without)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (musl, macOS): nothing to tune
         return
-    m_arena_max = -8
+    m_arena_max, m_mmap_threshold = -8, -3
     libc.mallopt(m_arena_max, arenas)
+    libc.mallopt(m_mmap_threshold, mmap_threshold)
 
 
 async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
