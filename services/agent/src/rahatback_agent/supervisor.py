@@ -43,7 +43,7 @@ from rahatback_contracts.messages import (
     StorageTestRequest,
 )
 
-from . import __version__, jobs
+from . import __version__, jobs, tools
 from .identity import AgentIdentity
 from .settings import AgentSettings
 
@@ -107,6 +107,7 @@ class Supervisor:
     # ------------------------------------------------------------ lifecycle
 
     async def run(self, stop: asyncio.Event) -> None:
+        await tools.detect_tools(refresh=True)  # for the heartbeat; runs and tests look again
         nc = await self._connect(stop)
         if nc is None:
             return
@@ -201,6 +202,7 @@ class Supervisor:
                 engines=self._engines,
                 storages=self._storages,
                 running=self.running_ids,
+                tools=tools.reported_tools(),
                 at=_now(),
             )
             try:

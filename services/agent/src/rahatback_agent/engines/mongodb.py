@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import struct
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -31,7 +32,7 @@ from bson.errors import BSONError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pymongo import errors as mongo_errors
 
-from rahatback_agent.engines.base import Connection, EngineError
+from rahatback_agent.engines.base import Connection, EngineError, ToolAction, ToolProblem
 from rahatback_agent.engines.process import ExplainFailure, StderrTail, stream_stdout
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "MongoDBSettings",
     "archive_databases",
     "find_mongo_tool",
+    "mongo_tool_problem",
     "tool_config",
 ]
 
@@ -178,6 +180,42 @@ def find_mongo_tool(name: str) -> str:
     raise EngineError(
         "tool_failed", f"{name} not found in {where}: install the MongoDB Database Tools (100.x)"
     )
+
+
+def _series(version: str) -> tuple[int, int] | None:
+    match = re.match(r"r?(\d+)\.(\d+)", version)  # the tools bundled with servers before 4.4 say "r4.2.8"
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def mongo_tool_problem(
+    tool: str, tool_version: str | None, server_version: str, *, found: bool
+) -> ToolProblem | None:
+    """The engine passes the password in `--config`, which the Database Tools read from 100.3.0 on
+    (the tools bundled with servers before 4.4 never did); 100.20.0 dropped the servers before 4.2.
+    Sources in docs/dump-tools.md."""
+    package = "mongodb-database-tools (MongoDB Database Tools 100.x)"
+    override = os.environ.get("RAHATBACK_MONGO_BIN")
+    point = f" and point RAHATBACK_MONGO_BIN (now {override}) at its directory" if override else ""
+    if not found:
+        return ToolProblem("tool_missing", f"{tool} not found: install {package}{point}")
+    have = _series(tool_version) if tool_version else None
+    server = _series(server_version)
+    if have is None:
+        return None
+    if have < (100, 3):
+        return ToolProblem(
+            "tool_too_old",
+            f"{tool} {tool_version} cannot take the password from --config (Database Tools 100.3.0 "
+            f"and later can): install {package}{point}",
+        )
+    if server is not None and have >= (100, 20) and server < (4, 2):
+        return ToolProblem(
+            "tool_missing",
+            f"{tool} {tool_version} cannot serve server {server_version}: the Database Tools dropped "
+            "servers before 4.2 in 100.20.0; install Database Tools 100.19 or earlier and point "
+            "RAHATBACK_MONGO_BIN at its directory",
+        )
+    return None
 
 
 def _yaml_string(value: str) -> str:
@@ -421,6 +459,19 @@ class MongoDBEngine:
     name = "mongodb"
     dump_format = "mongodb-archive"
     dump_extension = "archive"
+    tools: tuple[str, ...] = ("mongodump", "mongorestore")
+
+    def locate_tool(self, name: str) -> str | None:
+        try:
+            return find_mongo_tool(name)
+        except EngineError:
+            return None
+
+    def tool_problem(
+        self, action: ToolAction, versions: Mapping[str, str | None], server_version: str
+    ) -> ToolProblem | None:
+        tool = "mongodump" if action == "dump" else "mongorestore"
+        return mongo_tool_problem(tool, versions.get(tool), server_version, found=tool in versions)
 
     def client_options(self, settings: MongoDBSettings, password: str | None) -> dict[str, Any]:
         timeout_ms = CONNECT_TIMEOUT_S * 1000

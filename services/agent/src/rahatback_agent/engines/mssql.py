@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from rahatback_agent.engines.base import Connection, EngineError, ErrorCode
+from rahatback_agent.engines.base import Connection, EngineError, ErrorCode, NoExternalTools
 from rahatback_agent.engines.process import CHUNK_SIZE
 
 __all__ = [
@@ -502,7 +502,7 @@ async def _aioodbc_connect(dsn: str) -> Any:
     return await aioodbc.connect(dsn=dsn, autocommit=True, timeout=LOGIN_TIMEOUT_S)
 
 
-class MSSQLEngine:
+class MSSQLEngine(NoExternalTools):
     name = "mssql"
     dump_format = "mssql-native-backup"
     dump_extension = "bak"

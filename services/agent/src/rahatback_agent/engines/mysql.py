@@ -15,7 +15,7 @@ import shutil
 import socket
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +27,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pymysql.charset import charset_by_name  # type: ignore[import-untyped]
 from pymysql.constants import CLIENT  # type: ignore[import-untyped]
 
-from rahatback_agent.engines.base import Connection, EngineError
+from rahatback_agent.engines.base import Connection, EngineError, ToolAction, ToolProblem
 from rahatback_agent.engines.process import ExplainFailure, feed_stdin, stream_stdout
 
-__all__ = ["MySQLEngine", "MySQLSettings", "MySQLTool", "find_mysql_tool"]
+__all__ = [
+    "MySQLEngine",
+    "MySQLSettings",
+    "MySQLTool",
+    "find_mysql_tool",
+    "locate_mysql_tool",
+    "mysql_tool_problem",
+]
 
 log = structlog.get_logger("rahatback_agent.engines.mysql")
 
@@ -102,19 +109,19 @@ class MySQLTool:
 _tool_flavors: dict[str, bool] = {}
 
 
+def locate_mysql_tool(name: str) -> str | None:
+    """`name` in RAHATBACK_MYSQL_BIN if set, else on PATH."""
+    override = os.environ.get("RAHATBACK_MYSQL_BIN")
+    if override:
+        candidate = Path(override) / name
+        return str(candidate) if candidate.is_file() and os.access(candidate, os.X_OK) else None
+    return shutil.which(name)
+
+
 async def find_mysql_tool(*names: str) -> MySQLTool:
     """The first of `names` in RAHATBACK_MYSQL_BIN if set, else on PATH (mariadb-dump before mysqldump)."""
     override = os.environ.get("RAHATBACK_MYSQL_BIN")
-    path: str | None = None
-    for name in names:
-        if override:
-            candidate = Path(override) / name
-            if candidate.is_file() and os.access(candidate, os.X_OK):
-                path = str(candidate)
-        else:
-            path = shutil.which(name)
-        if path:
-            break
+    path = next((found for name in names if (found := locate_mysql_tool(name))), None)
     if path is None:
         where = f"RAHATBACK_MYSQL_BIN={override}" if override else "PATH"
         raise EngineError(
@@ -129,6 +136,60 @@ async def find_mysql_tool(*names: str) -> MySQLTool:
         out, _ = await proc.communicate()
         _tool_flavors[path] = b"MariaDB" in out
     return MySQLTool(path, _tool_flavors[path])
+
+
+DUMP_TOOLS = ("mariadb-dump", "mysqldump")  # in the order find_mysql_tool prefers them
+CLIENT_TOOLS = ("mariadb", "mysql")
+_ORACLE_CLIENT = "Oracle's MySQL client (mysql-client from MySQL's APT repository)"
+
+
+def _series(version: str) -> tuple[int, int] | None:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def mysql_tool_problem(
+    action: ToolAction, versions: Mapping[str, str | None], server_version: str
+) -> ToolProblem | None:
+    """Rules in docs/dump-tools.md. The one hard rule beyond presence: mariadb-dump takes every
+    server numbered 10.3 or later for MariaDB and then asks it for stored packages (client/mysqldump.c,
+    dump_routines_for_db), so with --routines it cannot dump MySQL's year-numbered releases (26.x)."""
+    names = DUMP_TOOLS if action == "dump" else CLIENT_TOOLS
+    server = _series(server_version)
+    server_mariadb = "mariadb" in server_version.lower()
+    oracle_needed = not server_mariadb and server is not None and server >= (10, 3)
+    point = " and point RAHATBACK_MYSQL_BIN at its directory" if os.environ.get("RAHATBACK_MYSQL_BIN") else ""
+    chosen = next((name for name in names if name in versions), None)
+    if chosen is None:
+        package = _ORACLE_CLIENT if oracle_needed else "mariadb-client"
+        return ToolProblem("tool_missing", f"{' or '.join(names)} not found: install {package}{point}")
+    version = versions[chosen]
+    have = _series(version) if version else None
+    if action != "dump" or version is None or have is None or server is None:
+        return None
+    tool_mariadb = "mariadb" in version.lower()
+    if tool_mariadb and oracle_needed:
+        return ToolProblem(
+            "tool_missing",
+            f"{chosen} (MariaDB {have[0]}.{have[1]}) cannot dump MySQL {server_version}: it takes a "
+            "server numbered 10.3 or later for MariaDB and asks it for stored packages; install "
+            f"{_ORACLE_CLIENT} and point RAHATBACK_MYSQL_BIN at the directory of its mysqldump",
+        )
+    if tool_mariadb == server_mariadb and have[0] < server[0]:
+        flavor = "MariaDB" if tool_mariadb else "MySQL"
+        package = (
+            f"mariadb-client {server[0]}.{server[1]} (MariaDB's repository)"
+            if tool_mariadb
+            else f"mysql-client {server[0]}.x (MySQL's APT repository)"
+        )
+        return ToolProblem(
+            "tool_too_old",
+            f"{chosen} is from {flavor} {have[0]}.{have[1]}, older than the server ({flavor} "
+            f"{server[0]}.{server[1]}): a dump may lack what the newer server added; "
+            f"install {package}{point}",
+            fatal=False,
+        )
+    return None
 
 
 def _option_value(value: str) -> str:
@@ -599,6 +660,15 @@ class MySQLEngine:
     name = "mysql"
     dump_format = "mysql-sql"
     dump_extension = "sql"
+    tools: tuple[str, ...] = (*DUMP_TOOLS, *CLIENT_TOOLS)
+
+    def locate_tool(self, name: str) -> str | None:
+        return locate_mysql_tool(name)
+
+    def tool_problem(
+        self, action: ToolAction, versions: Mapping[str, str | None], server_version: str
+    ) -> ToolProblem | None:
+        return mysql_tool_problem(action, versions, server_version)
 
     async def test(self, conn: Connection) -> str:
         settings = parse_settings(conn.settings)

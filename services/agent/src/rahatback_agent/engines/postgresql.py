@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -20,10 +20,10 @@ from typing import Any, Literal
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rahatback_agent.engines.base import Connection, EngineError
+from rahatback_agent.engines.base import Connection, EngineError, ToolAction, ToolProblem
 from rahatback_agent.engines.process import ExplainFailure, feed_stdin, stream_stdout
 
-__all__ = ["PostgreSQLEngine", "PostgreSQLSettings", "find_pg_tool"]
+__all__ = ["PostgreSQLEngine", "PostgreSQLSettings", "find_pg_tool", "pg_major", "pg_tool_problem"]
 
 CONNECT_TIMEOUT_S = 10
 _PG_ROOT = Path("/usr/lib/postgresql")
@@ -81,6 +81,38 @@ def find_pg_tool(name: str) -> str:
     raise EngineError("tool_failed", f"{name} not found in {where}: install the PostgreSQL client tools")
 
 
+def pg_major(version: str) -> str | None:
+    """The major of a version: 15.18 -> 15, 17beta1 -> 17, 9.6.24 -> 9.6 (two parts before 10)."""
+    match = re.match(r"(\d+)(?:\.(\d+))?", version)
+    if not match:
+        return None
+    first = int(match.group(1))
+    return str(first) if first >= 10 else f"{first}.{int(match.group(2) or 0)}"
+
+
+def _major_key(major: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in major.split("."))
+
+
+def pg_tool_problem(
+    tool: str, tool_version: str | None, server_version: str, *, found: bool
+) -> ToolProblem | None:
+    """pg_dump refuses a server of a newer major than its own; psql gets the same rule so that it
+    understands everything such a pg_dump writes. Both come in postgresql-client-<major>."""
+    server = pg_major(server_version)
+    package = f"postgresql-client-{server}" if server else "postgresql-client"
+    override = os.environ.get("RAHATBACK_PG_BIN")
+    # the newest /usr/lib/postgresql/<major>/bin is found by itself; an override must be moved by hand
+    point = f" and point RAHATBACK_PG_BIN (now {override}) at {_PG_ROOT}/{server}/bin" if override else ""
+    if not found:
+        return ToolProblem("tool_missing", f"{tool} not found: install {package}{point}")
+    have = pg_major(tool_version) if tool_version else None
+    if server is None or have is None or _major_key(have) >= _major_key(server):
+        return None  # an unreadable version: let the tool try, its own error is explained
+    what = f"cannot dump server {server}" if tool == "pg_dump" else f"is older than server {server}"
+    return ToolProblem("tool_too_old", f"{tool} {have} {what}: install {package}{point}")
+
+
 _restrict_key_support: dict[str, bool] = {}
 
 
@@ -131,6 +163,7 @@ class PostgreSQLEngine:
     name = "postgresql"
     dump_format = "postgresql-plain-sql"
     dump_extension = "sql"
+    tools: tuple[str, ...] = ("pg_dump", "psql")
 
     def __init__(self, restrict_key_seed: bytes | None = None) -> None:
         # The \restrict key guards a psql restore against meta-commands smuggled into the dump by a
@@ -138,6 +171,18 @@ class PostgreSQLEngine:
         # the database name keeps dumps from this seed byte-identical for identical data; without a
         # seed one is drawn per process (the registry's default).
         self._restrict_key_seed = restrict_key_seed or os.urandom(32)
+
+    def locate_tool(self, name: str) -> str | None:
+        try:
+            return find_pg_tool(name)
+        except EngineError:
+            return None
+
+    def tool_problem(
+        self, action: ToolAction, versions: Mapping[str, str | None], server_version: str
+    ) -> ToolProblem | None:
+        tool = "pg_dump" if action == "dump" else "psql"
+        return pg_tool_problem(tool, versions.get(tool), server_version, found=tool in versions)
 
     def _restrict_key(self, database: str) -> str:
         return hmac.new(self._restrict_key_seed, database.encode(), hashlib.sha256).hexdigest()[:32]

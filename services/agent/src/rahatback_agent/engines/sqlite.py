@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rahatback_agent.engines.base import Connection, EngineError
+from rahatback_agent.engines.base import Connection, EngineError, NoExternalTools
 from rahatback_agent.engines.process import CHUNK_SIZE
 
 __all__ = ["SQLiteEngine", "SQLiteSettings"]
@@ -258,7 +258,7 @@ class _ScriptRunner:
             raise EngineError("tool_failed", "the SQLite dump ends in the middle of a statement")
 
 
-class SQLiteEngine:
+class SQLiteEngine(NoExternalTools):
     name = "sqlite"
     dump_format = "sqlite-sql"
     dump_extension = "sql"
