@@ -23,6 +23,7 @@ from rahatback_api.databases.router import router as databases_router
 from rahatback_api.db import create_engine, create_sessionmaker, run_migrations, session_scope
 from rahatback_api.errors import AppError, install_error_handlers
 from rahatback_api.logs import configure_logging
+from rahatback_api.metrics import install_metrics
 from rahatback_api.notifications.router import router as notifications_router
 from rahatback_api.operations.lifespan import nats_lifespan
 from rahatback_api.operations.router import router as operations_router
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.outbox_wakeup = None  # an asyncio.Event the outbox relay may install
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
+    install_metrics(app)  # GET /metrics and the HTTP latency middleware
     for router in ROUTERS:
         app.include_router(router)
     return app
