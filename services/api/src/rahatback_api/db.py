@@ -101,8 +101,14 @@ async def run_migrations(database_url: str, revision: str = "head") -> None:
     """Upgrade the schema; safe to call on every start (a no-op at head)."""
     engine = create_engine(database_url)
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(_upgrade, revision)
+        async with engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                # SQLite alters a table by copying it and dropping the original, which foreign keys
+                # pointing at it forbid; the pragma only takes effect outside a transaction
+                await conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                await conn.commit()  # ends SQLAlchemy's autobegun transaction (no SQL BEGIN was sent)
+            async with conn.begin():
+                await conn.run_sync(_upgrade, revision)
     finally:
         await engine.dispose()
 

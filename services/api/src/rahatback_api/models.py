@@ -6,7 +6,7 @@ from sqlmodel import SQLModel
 
 from rahatback_api.agents.models import Agent, EnrollmentToken
 from rahatback_api.auth.models import ApiToken, Membership, Organization, User
-from rahatback_api.backups.models import BackupJob, BackupKey, BackupRun, PruneRun, RestoreRun
+from rahatback_api.backups.models import BackupCopy, BackupJob, BackupKey, BackupRun, PruneRun, RestoreRun
 from rahatback_api.databases.models import Database
 from rahatback_api.notifications.models import NotificationChannel
 from rahatback_api.outbox.models import OutboxMessage, ProcessedMessage
@@ -17,6 +17,7 @@ metadata = SQLModel.metadata
 __all__ = [
     "Agent",
     "ApiToken",
+    "BackupCopy",
     "BackupJob",
     "BackupKey",
     "BackupRun",

@@ -37,6 +37,7 @@ class Agent(SQLModel, table=True):
     x25519_public_key: str = Field(max_length=128)  # base64 of the raw 32-byte public key
     engines: list[str] = Field(default_factory=list, sa_type=JSON)
     storages: list[str] = Field(default_factory=list, sa_type=JSON)
+    tools: dict[str, str] = Field(default_factory=dict, sa_type=JSON)  # dump tool → version
     last_seen_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     enrolled_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
@@ -61,6 +62,7 @@ class AgentPublic(BaseModel):
     last_seen_at: datetime | None
     engines: list[str]
     storages: list[str]
+    tools: dict[str, str]
     enrolled_at: datetime
     revoked: bool
     revoked_at: datetime | None

@@ -77,6 +77,7 @@ def agent_public(agent: Agent, offline_after_seconds: int) -> AgentPublic:
         last_seen_at=agent.last_seen_at,
         engines=list(agent.engines),
         storages=list(agent.storages),
+        tools=dict(agent.tools or {}),
         enrolled_at=agent.enrolled_at,
         revoked=agent.revoked_at is not None,
         revoked_at=agent.revoked_at,

@@ -7,7 +7,7 @@ from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, field_validator
 from pydantic import Field as PydanticField
-from sqlalchemy import BigInteger, Index, Text, UniqueConstraint, text
+from sqlalchemy import JSON, BigInteger, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from rahatback_api.backups.schedule import check_cron, check_timezone
@@ -38,6 +38,8 @@ class BackupJob(SQLModel, table=True):
     name: str = Field(max_length=200)
     database_id: str = Field(foreign_key="databases.id", index=True, max_length=ID_LENGTH)
     storage_id: str = Field(foreign_key="storages.id", index=True, max_length=ID_LENGTH)
+    # more copies of every backup, written at once from the same dump (the 3-2-1 rule)
+    extra_storage_ids: list[str] = Field(default_factory=list, sa_type=JSON)
     compression: str = Field(default="zstd", max_length=8)
     compression_level: int | None = None
     encryption_enabled: bool = True
@@ -136,7 +138,30 @@ class BackupRun(SQLModel, table=True):
     last_progress_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     last_restore_status: str | None = Field(default=None, max_length=16)
     last_restore_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
-    # retention: the prune that is deleting this run's files, when they were gone, or why not
+    # the job's extra storages when the run started (each gets a copy; see BackupCopy)
+    extra_storage_ids: list[str] = Field(default_factory=list, sa_type=JSON)
+    # retention: when the last copy's files were deleted, or why a deletion failed
+    pruned_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    prune_error: str | None = Field(default=None, sa_type=Text)
+
+
+class BackupCopy(SQLModel, table=True):
+    """One storage's copy of a backup run. Restore and verify may use any completed copy; retention
+    deletes copies storage by storage."""
+
+    __tablename__ = "backup_copies"
+    __table_args__ = (UniqueConstraint("run_id", "storage_id"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=ID_LENGTH)
+    org_id: str = Field(foreign_key="organizations.id", index=True, max_length=ID_LENGTH)
+    run_id: str = Field(foreign_key="backup_runs.id", index=True, max_length=ID_LENGTH)
+    job_id: str | None = Field(default=None, index=True, max_length=ID_LENGTH)
+    storage_id: str = Field(index=True, max_length=ID_LENGTH)  # no FK: history outlives storages
+    status: str = Field(max_length=16)  # completed | failed
+    storage_key: str | None = Field(default=None, sa_type=Text)
+    manifest_key: str | None = Field(default=None, sa_type=Text)
+    error: str | None = Field(default=None, sa_type=Text)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     prune_id: str | None = Field(default=None, index=True, max_length=ID_LENGTH)
     pruned_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     prune_error: str | None = Field(default=None, sa_type=Text)
@@ -178,6 +203,7 @@ class RestoreRun(SQLModel, table=True):
     org_id: str = Field(foreign_key="organizations.id", max_length=ID_LENGTH)
     backup_run_id: str = Field(foreign_key="backup_runs.id", index=True, max_length=ID_LENGTH)
     database_id: str = Field(index=True, max_length=ID_LENGTH)  # the restore target
+    storage_id: str | None = Field(default=None, max_length=ID_LENGTH)  # the copy restored from
     agent_id: str | None = Field(default=None, index=True, max_length=ID_LENGTH)
     status: str = Field(default="queued", max_length=16)
     queued_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
@@ -231,6 +257,7 @@ class BackupJobCreate(_ScheduleFields):
     name: str = PydanticField(min_length=1, max_length=200)
     database_id: str
     storage_id: str
+    extra_storage_ids: list[str] = PydanticField(default_factory=list, max_length=4)
     compression: Compression = "zstd"
     compression_level: int | None = None  # default depends on compression
     encryption_enabled: bool = True
@@ -246,6 +273,7 @@ class BackupJobUpdate(_ScheduleFields):
     name: str | None = PydanticField(default=None, min_length=1, max_length=200)
     database_id: str | None = None
     storage_id: str | None = None
+    extra_storage_ids: list[str] | None = PydanticField(default=None, max_length=4)
     compression: Compression | None = None
     compression_level: int | None = None
     encryption_enabled: bool | None = None
@@ -260,6 +288,7 @@ class BackupJobPublic(BaseModel):
     name: str
     database_id: str
     storage_id: str
+    extra_storage_ids: list[str]
     compression: Compression
     compression_level: int | None
     encryption_enabled: bool
@@ -315,12 +344,24 @@ class BackupRunPublic(BaseModel):
     last_restore_at: datetime | None
     pruned_at: datetime | None
     prune_error: str | None
+    copies: list[BackupCopyPublic] = PydanticField(default_factory=list)
+
+
+class BackupCopyPublic(BaseModel):
+    storage_id: str
+    status: str
+    storage_key: str | None
+    manifest_key: str | None
+    error: str | None
+    pruned_at: datetime | None
+    prune_error: str | None
 
 
 class RestoreRunPublic(BaseModel):
     id: str
     backup_run_id: str
     database_id: str
+    storage_id: str | None
     agent_id: str | None
     status: str
     queued_at: datetime

@@ -75,13 +75,14 @@ async def list_history(
         job_id=job_id, database_id=database_id, status=status, since=since, until=until
     )
     runs, total = await service.list_runs(session, principal.org_id, filters, limit, offset)
-    items = [service.run_public(r) for r in runs]
+    items = await service.runs_public(session, runs)
     return Page[BackupRunPublic](items=items, total=total, limit=limit, offset=offset)
 
 
 @router.get("/history/{run_id}", response_model=BackupRunPublic)
 async def get_history_run(run_id: str, principal: CurrentPrincipal, session: SessionDep) -> BackupRunPublic:
-    return service.run_public(await service.get_run(session, principal.org_id, run_id))
+    run = await service.get_run(session, principal.org_id, run_id)
+    return (await service.runs_public(session, [run]))[0]
 
 
 @router.get("/restores", response_model=Page[RestoreRunPublic])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,8 @@ from rahatback_api.backups.models import (
     ACTIVE_RUN_STATUSES,
     COMPRESSION_LEVELS,
     RETENTION_FIELDS,
+    BackupCopy,
+    BackupCopyPublic,
     BackupJob,
     BackupJobCreate,
     BackupJobPublic,
@@ -98,23 +101,30 @@ def _resolve_level(compression: str, level: int | None) -> int | None:
     return level
 
 
-async def _check_targets(session: AsyncSession, org_id: str, database_id: str, storage_id: str) -> None:
+async def _check_targets(
+    session: AsyncSession, org_id: str, database_id: str, storage_id: str, extra_storage_ids: list[str]
+) -> None:
     async def owned(getter: Any, ident: str, field: str) -> Any:
         try:
             return await getter(session, org_id, ident)
         except NotFound:
-            raise AppError(
-                f"no such {field.removesuffix('_id')} in this organization", 422, field=field
-            ) from None
+            what = "storage" if field == "extra_storage_ids" else field.removesuffix("_id")
+            raise AppError(f"no such {what} {ident!r} in this organization", 422, field=field) from None
 
     database: Database = await owned(get_database, database_id, "database_id")
     storage: Storage = await owned(get_storage, storage_id, "storage_id")
-    if database.agent_id and storage.agent_id and database.agent_id != storage.agent_id:
-        raise AppError(
-            "the database and the storage are bound to different agents; one agent must reach both",
-            422,
-            field="storage_id",
-        )
+    if storage_id in extra_storage_ids or len(set(extra_storage_ids)) != len(extra_storage_ids):
+        raise AppError("each storage may hold only one copy: list it once", 422, field="extra_storage_ids")
+    extras: list[Storage] = [await owned(get_storage, s, "extra_storage_ids") for s in extra_storage_ids]
+    # one agent dumps once and writes every copy: every agent-bound target must name the same agent
+    for target, field in ((storage, "storage_id"), *((s, "extra_storage_ids") for s in extras)):
+        bound = {a for a in (database.agent_id, storage.agent_id, *(s.agent_id for s in extras)) if a}
+        if target.agent_id and len(bound) > 1:
+            raise AppError(
+                "the database and the storages are bound to different agents; one agent must reach all",
+                422,
+                field=field,
+            )
 
 
 async def _check_name_free(
@@ -129,7 +139,7 @@ async def _check_name_free(
 
 async def create_job(session: AsyncSession, box: SecretBox, org_id: str, data: BackupJobCreate) -> BackupJob:
     level = _resolve_level(data.compression, data.compression_level)
-    await _check_targets(session, org_id, data.database_id, data.storage_id)
+    await _check_targets(session, org_id, data.database_id, data.storage_id, data.extra_storage_ids)
     await _check_name_free(session, org_id, data.name)
     job = BackupJob(
         id=new_id(),
@@ -137,6 +147,7 @@ async def create_job(session: AsyncSession, box: SecretBox, org_id: str, data: B
         name=data.name,
         database_id=data.database_id,
         storage_id=data.storage_id,
+        extra_storage_ids=data.extra_storage_ids,
         compression=data.compression,
         compression_level=level,
         encryption_enabled=data.encryption_enabled,
@@ -187,11 +198,12 @@ async def update_job(session: AsyncSession, org_id: str, job_id: str, data: Back
     if data.name is not None and data.name != job.name:
         await _check_name_free(session, org_id, data.name, exclude_id=job.id)
         job.name = data.name
-    if data.database_id is not None or data.storage_id is not None:
+    if data.database_id is not None or data.storage_id is not None or data.extra_storage_ids is not None:
         database_id = data.database_id or job.database_id
         storage_id = data.storage_id or job.storage_id
-        await _check_targets(session, org_id, database_id, storage_id)
-        job.database_id, job.storage_id = database_id, storage_id
+        extras = job.extra_storage_ids if data.extra_storage_ids is None else data.extra_storage_ids
+        await _check_targets(session, org_id, database_id, storage_id, list(extras))
+        job.database_id, job.storage_id, job.extra_storage_ids = database_id, storage_id, list(extras)
     if data.compression is not None or "compression_level" in fields:
         compression = data.compression or job.compression
         # changing the algorithm without a level takes that algorithm's default level
@@ -240,8 +252,20 @@ async def delete_job(session: AsyncSession, org_id: str, job_id: str) -> None:
     await session.flush()
 
 
-def run_public(run: BackupRun) -> BackupRunPublic:
-    return BackupRunPublic.model_validate(run, from_attributes=True)
+def run_public(run: BackupRun, copies: Sequence[BackupCopy] = ()) -> BackupRunPublic:
+    public = BackupRunPublic.model_validate(run, from_attributes=True)
+    public.copies = [BackupCopyPublic.model_validate(c, from_attributes=True) for c in copies]
+    return public
+
+
+async def runs_public(session: AsyncSession, runs: Sequence[BackupRun]) -> list[BackupRunPublic]:
+    """Runs with their copies, in one query for the whole page."""
+    copies: dict[str, list[BackupCopy]] = {}
+    if runs:
+        query = select(BackupCopy).where(col(BackupCopy.run_id).in_([r.id for r in runs]))
+        for copy in (await session.execute(query)).scalars():
+            copies.setdefault(copy.run_id, []).append(copy)
+    return [run_public(r, copies.get(r.id, [])) for r in runs]
 
 
 def restore_public(restore: RestoreRun) -> RestoreRunPublic:

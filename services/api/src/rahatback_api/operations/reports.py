@@ -5,7 +5,7 @@ from __future__ import annotations
 from rahatback_api.backups.models import ACTIVE_RUN_STATUSES
 from rahatback_api.columns import utcnow
 from rahatback_api.context import app_context
-from rahatback_api.models import BackupJob, BackupRun, ProcessedMessage, RestoreRun
+from rahatback_api.models import BackupCopy, BackupJob, BackupRun, ProcessedMessage, RestoreRun
 from rahatback_api.retention import service as retention
 from rahatback_contracts import messages as m
 from rahatback_contracts import subjects
@@ -96,7 +96,8 @@ async def _apply_backup_report(
         # watchdog gave up too early (e.g. a NATS outage): the artifact exists, the agent is right.
         if run.status not in (*ACTIVE_RUN_STATUSES, "failed"):
             return False
-        run.status, run.stage = "completed", None
+        failed_copies = _record_copies(session, run, report)
+        run.status, run.stage = ("partial" if failed_copies else "completed"), None
         run.started_at = run.started_at or report.started_at
         run.finished_at = report.finished_at
         run.duration_ms = duration_ms(report.started_at, report.finished_at)
@@ -106,8 +107,8 @@ async def _apply_backup_report(
         run.server_version, run.dump_format = report.server_version, report.dump_format
         run.agent_version = report.agent_version
         run.bytes_done = report.dump_size
-        run.error = None
-        event_type = "backup.completed"
+        run.error = "; ".join(failed_copies) or None
+        event_type = f"backup.{run.status}"
         if job is not None:
             job.last_success_at = report.finished_at
             job.overdue_since = None
@@ -119,7 +120,7 @@ async def _apply_backup_report(
     if job is not None:
         job.last_run_status = run.status
     await enqueue_backup_event(session, run, event_type)
-    if event_type == "backup.completed" and job is not None:
+    if event_type in ("backup.completed", "backup.partial") and job is not None:
         # only a success moves retention: a failed run never expires anything
         await retention.apply_retention(session, app_context(session).box, job, run)
     return True
@@ -159,3 +160,44 @@ async def _apply_restore_report(
         backup.last_restore_at = utcnow()
     await enqueue_restore_event(session, restore, event_type)
     return True
+
+
+def _record_copies(session: AsyncSession, run: BackupRun, report: m.BackupCompleted) -> list[str]:
+    """One row per storage the run was sent to; returns the failed copies' errors, by storage.
+
+    Copies are untrusted input like the rest of the report: only the run's own storages count,
+    and a storage the agent does not mention is a failed copy.
+    """
+    targets = [run.storage_id, *run.extra_storage_ids]
+    reported = {c.storage_id: c for c in report.copies if c.storage_id in targets}
+    if not report.copies:  # an agent that predates copies wrote exactly one, to the primary storage
+        reported[run.storage_id] = m.CopyResult(
+            storage_id=run.storage_id,
+            ok=True,
+            storage_key=report.storage_key,
+            manifest_key=report.manifest_key,
+        )
+    failures = []
+    for storage_id in targets:
+        copy = reported.get(storage_id) or m.CopyResult(storage_id=storage_id, ok=False, error="not reported")
+        ok = copy.ok and copy.storage_key is not None
+        session.add(
+            BackupCopy(
+                org_id=run.org_id,
+                run_id=run.id,
+                job_id=run.job_id,
+                storage_id=storage_id,
+                status="completed" if ok else "failed",
+                storage_key=copy.storage_key if ok else None,
+                manifest_key=copy.manifest_key if ok else None,
+                error=None if ok else copy.error,
+                finished_at=report.finished_at,
+            )
+        )
+        if not ok:
+            failures.append(f"copy in storage {storage_id} failed: {copy.error or 'unknown error'}")
+    # the run's own storage/key name a complete copy: the one the agent named first
+    first = next((c for c in report.copies if c.ok and c.storage_key == report.storage_key), None)
+    if first is not None and first.storage_id in targets:
+        run.storage_id = first.storage_id
+    return failures

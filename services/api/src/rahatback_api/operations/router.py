@@ -203,6 +203,10 @@ async def run_job_now(
 
 class RestoreRequest(BaseModel):
     database_id: str | None = Field(default=None, description="target database; default: the backed-up one")
+    storage_id: str | None = Field(
+        default=None,
+        description="the copy to restore from; default: the primary storage's, else any other",
+    )
 
 
 @router.post(
@@ -222,7 +226,14 @@ async def restore_run(
     run = await get_run(session, principal.org_id, run_id)
     target_id = body.database_id if body and body.database_id else run.database_id
     target = await get_database(session, principal.org_id, target_id)
-    restore = await service.start_restore(session, box, run, target, offline_after=_offline_after(settings))
+    restore = await service.start_restore(
+        session,
+        box,
+        run,
+        target,
+        offline_after=_offline_after(settings),
+        storage_id=body.storage_id if body else None,
+    )
     return restore_public(restore)
 
 

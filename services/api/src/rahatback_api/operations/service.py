@@ -23,7 +23,7 @@ from rahatback_api.databases.service import database_secrets
 from rahatback_api.errors import AppError, Conflict
 from rahatback_api.messaging.bus import AgentOffline, AgentTimeout, Bus, BusUnavailable
 from rahatback_api.messaging.outbox import enqueue
-from rahatback_api.models import Agent, BackupJob, BackupRun, Database, RestoreRun, Storage
+from rahatback_api.models import Agent, BackupCopy, BackupJob, BackupRun, Database, RestoreRun, Storage
 from rahatback_api.notifications.service import enqueue_event
 from rahatback_api.security.secretbox import SecretBox
 from rahatback_api.storages.service import storage_secrets
@@ -248,10 +248,12 @@ async def start_backup(
     if active is not None:
         raise Conflict(f"job {job.name!r} is already running (run {active}); wait for it to finish")
     db = await session.get(Database, job.database_id)
-    storage = await session.get(Storage, job.storage_id)
-    if db is None or storage is None:
-        raise Conflict("the job's database or storage no longer exists; update the job")
-    agent = await choose_agent(session, job.org_id, db.agent_id or storage.agent_id, offline_after)
+    storages = [await session.get(Storage, s) for s in (job.storage_id, *job.extra_storage_ids)]
+    if db is None or None in storages:
+        raise Conflict("the job's database or one of its storages no longer exists; update the job")
+    storage, *extras = [s for s in storages if s is not None]
+    bound = db.agent_id or next((s.agent_id for s in storages if s is not None and s.agent_id), None)
+    agent = await choose_agent(session, job.org_id, bound, offline_after)
 
     run = BackupRun(
         id=new_id(),
@@ -259,6 +261,7 @@ async def start_backup(
         job_id=job.id,
         database_id=db.id,
         storage_id=storage.id,
+        extra_storage_ids=[s.id for s in extras],
         agent_id=agent.id,
         trigger=trigger,
         status="queued",
@@ -283,6 +286,7 @@ async def start_backup(
         job_id=job.id,
         database=saved_database_target(box, db, agent, info),
         storage=saved_storage_target(box, storage, agent, info),
+        extra_storages=[saved_storage_target(box, s, agent, info) for s in extras],
         compression=job.compression,
         compression_level=job.compression_level,
         encryption=encryption,
@@ -295,6 +299,31 @@ async def start_backup(
 # --------------------------------------------------------------------------------------- restore
 
 
+async def restorable_copy(session: AsyncSession, run: BackupRun, storage_id: str | None) -> BackupCopy:
+    """The copy to restore from: the one asked for, else the primary storage's, else any complete one."""
+    if run.status not in ("completed", "partial"):
+        raise Conflict(f"backup run {run.id} has no artifact to restore (status {run.status})")
+    query = select(BackupCopy).where(BackupCopy.run_id == run.id, BackupCopy.status == "completed")
+    copies = list((await session.execute(query)).scalars())
+    usable = [c for c in copies if c.pruned_at is None and c.prune_id is None and c.storage_key]
+    if storage_id is not None:
+        chosen = next((c for c in copies if c.storage_id == storage_id), None)
+        if chosen is None:
+            raise AppError(
+                f"backup run {run.id} has no copy in storage {storage_id}", 422, field="storage_id"
+            )
+        copies = [chosen]
+        usable = [c for c in usable if c is chosen]
+    if not usable:
+        if copies:
+            raise Conflict(
+                f"the files of backup run {run.id} were deleted by the job's retention policy"
+                + (" (the deletion is under way)" if any(c.prune_id for c in copies) else "")
+            )
+        raise Conflict(f"backup run {run.id} has no complete copy to restore")
+    return min(usable, key=lambda c: c.storage_id != run.storage_id)  # the primary storage first
+
+
 async def start_restore(
     session: AsyncSession,
     box: SecretBox,
@@ -302,12 +331,9 @@ async def start_restore(
     target: Database,
     *,
     offline_after: timedelta,
+    storage_id: str | None = None,
 ) -> RestoreRun:
-    if run.status not in ("completed", "partial") or not run.storage_key:
-        raise Conflict(f"backup run {run.id} has no artifact to restore (status {run.status})")
-    if run.pruned_at is not None or run.prune_id is not None:
-        when = f"at {run.pruned_at.isoformat()}" if run.pruned_at else "right now"
-        raise Conflict(f"backup run {run.id} was deleted from storage by the job's retention policy {when}")
+    copy = await restorable_copy(session, run, storage_id)
     source_db = await session.get(Database, run.database_id)
     if source_db is not None and source_db.engine != target.engine:
         raise AppError(
@@ -318,9 +344,9 @@ async def start_restore(
     busy = await _first_active(session, RestoreRun, database_id=target.id)
     if busy is not None:
         raise Conflict(f"database {target.name!r} is already being restored (restore {busy})")
-    storage = await session.get(Storage, run.storage_id)
+    storage = await session.get(Storage, copy.storage_id)
     if storage is None:
-        raise Conflict("the storage holding this backup no longer exists")
+        raise Conflict("the storage holding this copy of the backup no longer exists")
     preferred = target.agent_id or run.agent_id
     if storage.kind == "local":
         # the artifact sits in a folder on the host of the agent that wrote it
@@ -339,6 +365,7 @@ async def start_restore(
         org_id=run.org_id,
         backup_run_id=run.id,
         database_id=target.id,
+        storage_id=storage.id,
         agent_id=agent.id,
         status="queued",
         queued_at=utcnow(),
@@ -359,7 +386,7 @@ async def start_restore(
         backup_run_id=run.id,
         database=saved_database_target(box, target, agent, info),
         storage=saved_storage_target(box, storage, agent, info),
-        storage_key=run.storage_key,
+        storage_key=copy.storage_key or "",
         compression=run.compression,
         encrypted=run.encrypted,
         artifact_sha256=run.artifact_sha256,
@@ -472,6 +499,8 @@ async def record_heartbeat(
     agent.version = heartbeat.version
     agent.engines = list(heartbeat.engines)
     agent.storages = list(heartbeat.storages)
+    if agent.tools != heartbeat.tools:
+        agent.tools = dict(heartbeat.tools)
     if not was_online:
         await _enqueue_presence(session, agent, online=True, since=previously_seen or agent.last_seen_at)
     # A run the agent lists is alive even when no bytes move (psql building an index, pg_dump

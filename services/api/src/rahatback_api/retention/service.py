@@ -17,7 +17,7 @@ from sqlmodel import col, select
 
 from rahatback_api.columns import new_id, utcnow
 from rahatback_api.messaging.outbox import enqueue
-from rahatback_api.models import Agent, BackupJob, BackupRun, PruneRun, Storage
+from rahatback_api.models import Agent, BackupCopy, BackupJob, BackupRun, PruneRun, Storage
 from rahatback_api.operations import service as operations
 from rahatback_api.retention.policy import Backup, Policy, expired
 from rahatback_api.security.secretbox import SecretBox
@@ -38,43 +38,50 @@ def policy_of(job: BackupJob) -> Policy:
 
 async def apply_retention(
     session: AsyncSession, box: SecretBox, job: BackupJob, latest: BackupRun
+) -> list[PruneRun]:
+    """After `latest` succeeded: one prune per storage it reached, for the copies that expired there."""
+    if policy_of(job).keeps_everything():
+        return []
+    query = select(BackupCopy.storage_id).where(
+        BackupCopy.run_id == latest.id, BackupCopy.status == "completed"
+    )
+    prunes = []
+    for storage_id in sorted(set((await session.execute(query)).scalars())):
+        prune = await _prune_storage(session, box, job, storage_id, latest)
+        if prune is not None:
+            prunes.append(prune)
+    return prunes
+
+
+async def _prune_storage(
+    session: AsyncSession, box: SecretBox, job: BackupJob, storage_id: str, latest: BackupRun
 ) -> PruneRun | None:
-    """After `latest` succeeded: send one prune for the job's expired backups in its storage."""
-    storage_id = latest.storage_id
-    policy = policy_of(job)
-    if policy.keeps_everything():
-        return None
-    runs = (
-        (
-            await session.execute(
-                select(BackupRun).where(
-                    BackupRun.job_id == job.id,
-                    BackupRun.storage_id == storage_id,
-                    col(BackupRun.status).in_(("completed", "partial")),
-                    col(BackupRun.storage_key).is_not(None),
-                    col(BackupRun.pruned_at).is_(None),
-                )
+    rows = (
+        await session.execute(
+            select(BackupCopy, BackupRun.finished_at)
+            .join(BackupRun, col(BackupRun.id) == col(BackupCopy.run_id))
+            .where(
+                BackupCopy.job_id == job.id,
+                BackupCopy.storage_id == storage_id,
+                BackupCopy.status == "completed",
+                col(BackupCopy.pruned_at).is_(None),
             )
         )
-        .scalars()
-        .all()
-    )
-    if any(run.prune_id is not None for run in runs):
-        return None  # a prune is under way; the next success looks again
-    backups = [Backup(run.id, run.finished_at) for run in runs if run.finished_at is not None]
-    doomed = expired(backups, policy, utcnow(), ZoneInfo(job.timezone))
-    if not doomed:
-        return None
+    ).all()
+    if any(copy.prune_id is not None for copy, _ in rows):
+        return None  # a prune is under way in this storage; the next success looks again
+    backups = [Backup(copy.run_id, finished) for copy, finished in rows if finished is not None]
+    doomed = expired(backups, policy_of(job), utcnow(), ZoneInfo(job.timezone))
     storage = await session.get(Storage, storage_id)
-    if storage is None:
+    if not doomed or storage is None:
         return None
     # the agent bound to the storage (a local folder lives on its host), else the one that just
     # reached this storage successfully
     agent = await session.get(Agent, storage.agent_id or latest.agent_id or "")
     if agent is None or agent.revoked_at is not None:
-        job.last_prune_error = "retention postponed: no agent can reach this storage"
+        job.last_prune_error = f"retention postponed in {storage.name!r}: no agent can reach it"
         return None
-    items = [run for run in runs if run.id in doomed]
+    items = [copy for copy, _ in rows if copy.run_id in doomed]
     prune = PruneRun(
         id=new_id(),
         org_id=job.org_id,
@@ -84,20 +91,24 @@ async def apply_retention(
         items=len(items),
     )
     session.add(prune)
-    for run in items:
-        run.prune_id = prune.id
+    for copy in items:
+        copy.prune_id = prune.id
     command = m.PruneCommand(
         **operations.command_envelope(job.org_id),
         prune_id=prune.id,
         job_id=job.id,
         storage=operations.saved_storage_target(box, storage, agent, m.seal_info("prune", prune.id)),
         items=[
-            m.PruneItem(run_id=run.id, storage_key=run.storage_key or "", manifest_key=run.manifest_key)
-            for run in items
+            m.PruneItem(
+                run_id=copy.run_id, storage_key=copy.storage_key or "", manifest_key=copy.manifest_key
+            )
+            for copy in items
         ],
     )
     enqueue(session, subjects.agent_command(agent.id, "prune.execute"), command, f"{prune.id}:command")
-    log.info("retention.prune_sent", job_id=job.id, prune_id=prune.id, items=len(items))
+    log.info(
+        "retention.prune_sent", job_id=job.id, storage_id=storage.id, prune_id=prune.id, items=len(items)
+    )
     return prune
 
 
@@ -111,32 +122,28 @@ async def apply_prune_report(
         )
     if prune.status != "queued":
         return False
-    runs = {
-        run.id: run
-        for run in (await session.execute(select(BackupRun).where(BackupRun.prune_id == prune.id))).scalars()
-    }
+    query = select(BackupCopy).where(BackupCopy.prune_id == prune.id)
+    copies = {copy.run_id: copy for copy in (await session.execute(query)).scalars()}
     now = utcnow()
-    errors: list[str] = []
+    errors: dict[str, str] = {}
     if isinstance(report, m.PruneFailed):
-        errors.append(report.error)
-        for run in runs.values():
-            run.prune_id, run.prune_error = None, report.error
+        errors = dict.fromkeys(copies, report.error)
     else:
-        for run_id in report.deleted:
-            if run_id in runs:
-                run = runs.pop(run_id)
-                run.prune_id, run.pruned_at, run.prune_error = None, now, None
-                prune.deleted += 1
-        for failure in report.failures:
-            if failure.run_id in runs:
-                run = runs.pop(failure.run_id)
-                run.prune_id, run.prune_error = None, failure.error
-                errors.append(f"{failure.run_id}: {failure.error}")
-        for run in runs.values():  # not mentioned by the agent: try again next time
-            run.prune_id = None
+        errors = {f.run_id: f.error for f in report.failures if f.run_id in copies}
+    deleted = set() if isinstance(report, m.PruneFailed) else set(report.deleted) & set(copies)
+    for run_id, copy in copies.items():
+        copy.prune_id = None  # not mentioned by the agent: tried again after the next success
+        if run_id in deleted:
+            copy.pruned_at, copy.prune_error = now, None
+        elif run_id in errors:
+            copy.prune_error = errors[run_id]
+    await session.flush()
+    for run_id in copies:
+        await _summarise_run(session, run_id, errors.get(run_id))
+    prune.deleted = len(deleted)
     prune.finished_at = now
-    prune.status = "completed" if not errors else ("partial" if prune.deleted else "failed")
-    prune.error = "; ".join(errors)[:4000] or None
+    prune.status = "completed" if not errors else ("partial" if deleted else "failed")
+    prune.error = "; ".join(f"{run_id}: {error}" for run_id, error in errors.items())[:4000] or None
     job = await session.get(BackupJob, prune.job_id)
     if job is not None:
         job.last_prune_at = now
@@ -145,3 +152,15 @@ async def apply_prune_report(
         log.warning("retention.prune_failed", prune_id=prune.id, job_id=prune.job_id, errors=errors)
     await session.flush()
     return True
+
+
+async def _summarise_run(session: AsyncSession, run_id: str, error: str | None) -> None:
+    """A run is pruned once none of its complete copies is left."""
+    run = await session.get(BackupRun, run_id)
+    if run is None:
+        return
+    query = select(BackupCopy).where(BackupCopy.run_id == run_id, BackupCopy.status == "completed")
+    copies = list((await session.execute(query)).scalars())
+    if copies and all(c.pruned_at is not None for c in copies):
+        run.pruned_at = max(c.pruned_at for c in copies if c.pruned_at is not None)
+    run.prune_error = error

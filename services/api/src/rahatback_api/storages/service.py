@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
@@ -113,11 +112,8 @@ async def update_storage(
 
 async def delete_storage(session: AsyncSession, org_id: str, storage_id: str) -> None:
     storage = await get_storage(session, org_id, storage_id)
-    jobs = (
-        await session.execute(
-            select(func.count()).select_from(BackupJob).where(BackupJob.storage_id == storage.id)
-        )
-    ).scalar_one()
+    org_jobs = (await session.execute(select(BackupJob).where(BackupJob.org_id == org_id))).scalars()
+    jobs = sum(1 for j in org_jobs if storage.id == j.storage_id or storage.id in j.extra_storage_ids)
     if jobs:
         raise Conflict(f"{jobs} backup job(s) use this storage; delete or change them first")
     await session.delete(storage)

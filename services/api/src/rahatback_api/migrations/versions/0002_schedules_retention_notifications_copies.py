@@ -1,8 +1,8 @@
-"""scheduling retention notifications
+"""schedules retention notifications copies
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-26 18:36:58.669036
+Create Date: 2026-11-26 19:09:51.865540
 """
 
 from __future__ import annotations
@@ -64,7 +64,42 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_prune_runs_job_id"), ["job_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_prune_runs_org_id"), ["org_id"], unique=False)
 
+    op.create_table(
+        "backup_copies",
+        sa.Column("id", sa.String(length=32), nullable=False),
+        sa.Column("org_id", sa.String(length=32), nullable=False),
+        sa.Column("run_id", sa.String(length=32), nullable=False),
+        sa.Column("job_id", sa.String(length=32), nullable=True),
+        sa.Column("storage_id", sa.String(length=32), nullable=False),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("storage_key", sa.Text(), nullable=True),
+        sa.Column("manifest_key", sa.Text(), nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("finished_at", UTCDateTime(), nullable=True),
+        sa.Column("prune_id", sa.String(length=32), nullable=True),
+        sa.Column("pruned_at", UTCDateTime(), nullable=True),
+        sa.Column("prune_error", sa.Text(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["org_id"], ["organizations.id"], name=op.f("fk_backup_copies_org_id_organizations")
+        ),
+        sa.ForeignKeyConstraint(
+            ["run_id"], ["backup_runs.id"], name=op.f("fk_backup_copies_run_id_backup_runs")
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_backup_copies")),
+        sa.UniqueConstraint("run_id", "storage_id", name=op.f("uq_backup_copies_run_id_storage_id")),
+    )
+    with op.batch_alter_table("backup_copies", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_backup_copies_job_id"), ["job_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_backup_copies_org_id"), ["org_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_backup_copies_prune_id"), ["prune_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_backup_copies_run_id"), ["run_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_backup_copies_storage_id"), ["storage_id"], unique=False)
+
+    with op.batch_alter_table("agents", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("tools", sa.JSON(), nullable=True))
+
     with op.batch_alter_table("backup_jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("extra_storage_ids", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("schedule_set_at", UTCDateTime(), nullable=True))
         batch_op.add_column(sa.Column("keep_last", sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column("keep_days", sa.Integer(), nullable=True))
@@ -76,34 +111,53 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("overdue_since", UTCDateTime(), nullable=True))
         batch_op.add_column(sa.Column("last_prune_at", UTCDateTime(), nullable=True))
         batch_op.add_column(sa.Column("last_prune_error", sa.Text(), nullable=True))
-    # existing jobs: the dead-man clock starts at their last change, their last success is in history
-    op.execute("UPDATE backup_jobs SET schedule_set_at = updated_at")
-    op.execute(
-        "UPDATE backup_jobs SET last_success_at = (SELECT max(r.finished_at) FROM backup_runs r"
-        " WHERE r.job_id = backup_jobs.id AND r.status = 'completed')"
-    )
-    with op.batch_alter_table("backup_jobs", schema=None) as batch_op:
-        batch_op.alter_column("schedule_set_at", existing_type=UTCDateTime(), nullable=False)
 
     with op.batch_alter_table("backup_runs", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("prune_id", sa.String(length=32), nullable=True))
+        batch_op.add_column(sa.Column("extra_storage_ids", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("pruned_at", UTCDateTime(), nullable=True))
         batch_op.add_column(sa.Column("prune_error", sa.Text(), nullable=True))
-        batch_op.create_index(batch_op.f("ix_backup_runs_prune_id"), ["prune_id"], unique=False)
 
     with op.batch_alter_table("outbox_messages", schema=None) as batch_op:
         batch_op.add_column(sa.Column("headers", sa.JSON(), nullable=True))
 
+    with op.batch_alter_table("restore_runs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("storage_id", sa.String(length=32), nullable=True))
+
+    # existing rows: no extra storages or tools yet; the dead-man clock starts at the job's last
+    # change; its last success and its backups' copies come from the history
+    op.execute("UPDATE agents SET tools = '{}'")
+    op.execute("UPDATE backup_jobs SET extra_storage_ids = '[]', schedule_set_at = updated_at")
+    op.execute("UPDATE backup_runs SET extra_storage_ids = '[]'")
+    op.execute(
+        "UPDATE backup_jobs SET last_success_at = (SELECT max(r.finished_at) FROM backup_runs r"
+        " WHERE r.job_id = backup_jobs.id AND r.status = 'completed')"
+    )
+    op.execute(
+        "INSERT INTO backup_copies"
+        " (id, org_id, run_id, job_id, storage_id, status, storage_key, manifest_key, finished_at)"
+        " SELECT id, org_id, id, job_id, storage_id, 'completed', storage_key, manifest_key, finished_at"
+        " FROM backup_runs WHERE status IN ('completed', 'partial') AND storage_key IS NOT NULL"
+    )
+    with op.batch_alter_table("agents", schema=None) as batch_op:
+        batch_op.alter_column("tools", existing_type=sa.JSON(), nullable=False)
+    with op.batch_alter_table("backup_jobs", schema=None) as batch_op:
+        batch_op.alter_column("extra_storage_ids", existing_type=sa.JSON(), nullable=False)
+        batch_op.alter_column("schedule_set_at", existing_type=UTCDateTime(), nullable=False)
+    with op.batch_alter_table("backup_runs", schema=None) as batch_op:
+        batch_op.alter_column("extra_storage_ids", existing_type=sa.JSON(), nullable=False)
+
 
 def downgrade() -> None:
+    with op.batch_alter_table("restore_runs", schema=None) as batch_op:
+        batch_op.drop_column("storage_id")
+
     with op.batch_alter_table("outbox_messages", schema=None) as batch_op:
         batch_op.drop_column("headers")
 
     with op.batch_alter_table("backup_runs", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_backup_runs_prune_id"))
         batch_op.drop_column("prune_error")
         batch_op.drop_column("pruned_at")
-        batch_op.drop_column("prune_id")
+        batch_op.drop_column("extra_storage_ids")
 
     with op.batch_alter_table("backup_jobs", schema=None) as batch_op:
         batch_op.drop_column("last_prune_error")
@@ -117,7 +171,19 @@ def downgrade() -> None:
         batch_op.drop_column("keep_days")
         batch_op.drop_column("keep_last")
         batch_op.drop_column("schedule_set_at")
+        batch_op.drop_column("extra_storage_ids")
 
+    with op.batch_alter_table("agents", schema=None) as batch_op:
+        batch_op.drop_column("tools")
+
+    with op.batch_alter_table("backup_copies", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_backup_copies_storage_id"))
+        batch_op.drop_index(batch_op.f("ix_backup_copies_run_id"))
+        batch_op.drop_index(batch_op.f("ix_backup_copies_prune_id"))
+        batch_op.drop_index(batch_op.f("ix_backup_copies_org_id"))
+        batch_op.drop_index(batch_op.f("ix_backup_copies_job_id"))
+
+    op.drop_table("backup_copies")
     with op.batch_alter_table("prune_runs", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_prune_runs_org_id"))
         batch_op.drop_index(batch_op.f("ix_prune_runs_job_id"))
