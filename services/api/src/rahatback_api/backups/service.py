@@ -117,14 +117,15 @@ async def _check_targets(
         raise AppError("each storage may hold only one copy: list it once", 422, field="extra_storage_ids")
     extras: list[Storage] = [await owned(get_storage, s, "extra_storage_ids") for s in extra_storage_ids]
     # one agent dumps once and writes every copy: every agent-bound target must name the same agent
-    for target, field in ((storage, "storage_id"), *((s, "extra_storage_ids") for s in extras)):
-        bound = {a for a in (database.agent_id, storage.agent_id, *(s.agent_id for s in extras)) if a}
-        if target.agent_id and len(bound) > 1:
-            raise AppError(
-                "the database and the storages are bound to different agents; one agent must reach all",
-                422,
-                field=field,
-            )
+    agents = {a for a in (database.agent_id, storage.agent_id, *(s.agent_id for s in extras)) if a}
+    if len(agents) > 1:
+        reference = database.agent_id or storage.agent_id
+        primary_differs = storage.agent_id is not None and storage.agent_id != reference
+        raise AppError(
+            "the database and the storages are bound to different agents; one agent must reach all",
+            422,
+            field="storage_id" if primary_differs else "extra_storage_ids",
+        )
 
 
 async def _check_name_free(

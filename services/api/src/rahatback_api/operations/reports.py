@@ -5,7 +5,7 @@ from __future__ import annotations
 from rahatback_api.backups.models import ACTIVE_RUN_STATUSES
 from rahatback_api.columns import utcnow
 from rahatback_api.context import app_context
-from rahatback_api.models import BackupCopy, BackupJob, BackupRun, ProcessedMessage, RestoreRun
+from rahatback_api.models import BackupCopy, BackupJob, BackupRun, ProcessedMessage, RestoreRun, Storage
 from rahatback_api.retention import service as retention
 from rahatback_contracts import messages as m
 from rahatback_contracts import subjects
@@ -96,7 +96,7 @@ async def _apply_backup_report(
         # watchdog gave up too early (e.g. a NATS outage): the artifact exists, the agent is right.
         if run.status not in (*ACTIVE_RUN_STATUSES, "failed"):
             return False
-        failed_copies = _record_copies(session, run, report)
+        failed_copies = await _record_copies(session, run, report)
         run.status, run.stage = ("partial" if failed_copies else "completed"), None
         run.started_at = run.started_at or report.started_at
         run.finished_at = report.finished_at
@@ -162,7 +162,7 @@ async def _apply_restore_report(
     return True
 
 
-def _record_copies(session: AsyncSession, run: BackupRun, report: m.BackupCompleted) -> list[str]:
+async def _record_copies(session: AsyncSession, run: BackupRun, report: m.BackupCompleted) -> list[str]:
     """One row per storage the run was sent to; returns the failed copies' errors, by storage.
 
     Copies are untrusted input like the rest of the report: only the run's own storages count,
@@ -195,7 +195,9 @@ def _record_copies(session: AsyncSession, run: BackupRun, report: m.BackupComple
             )
         )
         if not ok:
-            failures.append(f"copy in storage {storage_id} failed: {copy.error or 'unknown error'}")
+            storage = await session.get(Storage, storage_id)
+            where = repr(storage.name) if storage else storage_id
+            failures.append(f"the copy in {where} failed: {copy.error or 'unknown error'}")
     # the run's own storage/key name a complete copy: the one the agent named first
     first = next((c for c in report.copies if c.ok and c.storage_key == report.storage_key), None)
     if first is not None and first.storage_id in targets:
