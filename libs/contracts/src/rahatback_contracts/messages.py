@@ -17,7 +17,10 @@ StorageKind = Literal["local", "s3", "gdrive"]
 Compression = Literal["zstd", "gzip", "none"]
 # skipped: a scheduled fire found the job still running; missed: the scheduler was down at fire time
 RunStatus = Literal["queued", "running", "completed", "partial", "failed", "skipped", "missed"]
-Stage = Literal["queued", "dumping", "uploading", "downloading", "restoring", "finalizing"]
+Stage = Literal["queued", "dumping", "uploading", "downloading", "restoring", "verifying", "finalizing"]
+# integrity: download, authenticate every chunk, decompress, check both SHA-256s against the manifest;
+# test_restore: also restore into a scratch database and compare per-table row counts with the manifest
+VerifyLevel = Literal["integrity", "test_restore"]
 
 
 class Message(BaseModel):
@@ -46,7 +49,7 @@ class Sealed(BaseModel):
     info: str
 
 
-def seal_info(purpose: Literal["run", "restore", "rpc", "prune", "notify"], ident: str) -> str:
+def seal_info(purpose: Literal["run", "restore", "rpc", "prune", "notify", "verify"], ident: str) -> str:
     return f"rahatback:{purpose}:{ident}"
 
 
@@ -123,6 +126,31 @@ class RestoreCommand(Command):
 
 class CancelCommand(Command):
     run_id: str
+
+
+class VerifyCommand(Command):
+    """Prove one copy of a backup restores. Secrets sealed with seal_info("verify", verify_id).
+
+    The expected checksums come from the API's record of the run; the expected row counts from the
+    manifest next to the artifact (`manifest_key`). For `test_restore`, `database` is the backed-up
+    database's connection: the agent creates a scratch database on that server (or on
+    `scratch_server` when given), never writes to the source, and drops the scratch database in
+    every case.
+    """
+
+    verify_id: str
+    backup_run_id: str
+    level: VerifyLevel
+    storage: StorageTarget
+    storage_key: str
+    manifest_key: str | None = None
+    compression: Compression
+    encrypted: bool
+    artifact_sha256: str | None = None
+    dump_sha256: str | None = None
+    encryption: EncryptionSpec | None = None
+    database: DatabaseTarget | None = None
+    scratch_server: DatabaseTarget | None = None
 
 
 class PruneItem(BaseModel):
@@ -226,6 +254,43 @@ class BackupFailed(Report):
     error: str
 
 
+class TableCheck(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    table: str
+    expected: int | None = None  # rows at dump time (manifest); None: the table was not in the manifest
+    found: int | None = None  # rows after the test restore; None: the table is missing
+
+
+class VerifyStarted(Report):
+    verify_id: str
+
+
+class VerifyCompleted(Report):
+    """The verification ran to its end; `ok` says whether the backup passed. A failed check (flipped
+    bit, truncated artifact, missing manifest, wrong key, row-count mismatch) is ok=False with `error`
+    naming what failed; `mismatches` lists the tables whose counts differ."""
+
+    verify_id: str
+    level: VerifyLevel
+    ok: bool
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
+    artifact_sha256_ok: bool | None = None
+    dump_sha256_ok: bool | None = None
+    tables_compared: int = 0
+    mismatches: list[TableCheck] = Field(default_factory=list)
+    error: str | None = None
+
+
+class VerifyFailed(Report):
+    """The verification could not run (storage unreachable, scratch server refused, cancelled…)."""
+
+    verify_id: str
+    stage: Stage | None = None
+    error: str
+
+
 class RestoreStarted(Report):
     restore_id: str
 
@@ -271,8 +336,8 @@ class PruneFailed(Report):
 
 class Progress(Message):
     agent_id: str
-    kind: Literal["backup", "restore"]
-    run_id: str  # backup run id or restore id
+    kind: Literal["backup", "restore", "verify"]
+    run_id: str  # backup run id, restore id or verify id
     stage: Stage
     bytes_in: int  # plaintext dump bytes read (backup) / artifact bytes read (restore)
     bytes_out: int  # artifact bytes written (backup) / dump bytes fed to the engine (restore)
@@ -353,6 +418,23 @@ class RestoreEvent(DomainEvent):
     error: str | None = None
 
 
+class VerifyEvent(DomainEvent):
+    """`verify.completed` / `verify.failed`."""
+
+    verify_id: str
+    backup_run_id: str
+    job_id: str | None = None
+    job_name: str | None = None
+    database_id: str
+    database_name: str
+    level: VerifyLevel
+    status: Literal["completed", "failed"]
+    duration_ms: int | None = None
+    tables_compared: int = 0
+    mismatches: list[TableCheck] = Field(default_factory=list)
+    error: str | None = None
+
+
 class OverdueEvent(DomainEvent):
     """`backup.overdue`: a scheduled job has had no successful backup by `expected_by`."""
 
@@ -377,6 +459,7 @@ EVENT_MODELS: dict[str, type[DomainEvent]] = {
     "backup.overdue": OverdueEvent,
     **dict.fromkeys(("restore.started", "restore.completed", "restore.failed"), RestoreEvent),
     **dict.fromkeys(("presence.online", "presence.offline"), PresenceEvent),
+    **dict.fromkeys(("verify.completed", "verify.failed"), VerifyEvent),
 }
 
 
@@ -426,6 +509,10 @@ class BackupRequested(Message):
     fire_time: AwareDatetime
     missed: bool = False
     missed_fires: int = 0
+
+
+class VerifyRequested(BackupRequested):
+    """Scheduler → API (`verify.requested`): verify the job's latest successful backup now."""
 
 
 def scheduled_msg_id(kind: ScheduleKind, job_id: str, fire_time: datetime) -> str:
