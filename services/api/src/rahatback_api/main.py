@@ -31,6 +31,7 @@ from rahatback_api.request_id import RequestIdMiddleware
 from rahatback_api.security.secretbox import SecretBox
 from rahatback_api.settings import ConfigurationError, Settings
 from rahatback_api.storages.router import router as storages_router
+from rahatback_api.verification.router import router as verification_router
 
 log = structlog.get_logger("rahatback_api")
 
@@ -52,6 +53,7 @@ ROUTERS: list[APIRouter] = [
     backups_router,
     operations_router,
     notifications_router,
+    verification_router,
 ]
 
 # Extra lifespan steps (NATS connection, outbox relay, consumers), entered in order after the

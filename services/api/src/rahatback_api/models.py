@@ -6,7 +6,15 @@ from sqlmodel import SQLModel
 
 from rahatback_api.agents.models import Agent, EnrollmentToken
 from rahatback_api.auth.models import ApiToken, Membership, Organization, User
-from rahatback_api.backups.models import BackupCopy, BackupJob, BackupKey, BackupRun, PruneRun, RestoreRun
+from rahatback_api.backups.models import (
+    BackupCopy,
+    BackupJob,
+    BackupKey,
+    BackupRun,
+    PruneRun,
+    RestoreRun,
+    VerifyRun,
+)
 from rahatback_api.databases.models import Database
 from rahatback_api.notifications.models import NotificationChannel
 from rahatback_api.outbox.models import OutboxMessage, ProcessedMessage
@@ -32,5 +40,6 @@ __all__ = [
     "RestoreRun",
     "Storage",
     "User",
+    "VerifyRun",
     "metadata",
 ]

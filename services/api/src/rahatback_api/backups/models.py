@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, field_validator
 from pydantic import Field as PydanticField
@@ -18,6 +18,7 @@ Compression = Literal["zstd", "gzip", "none"]
 RunStatus = Literal["queued", "running", "completed", "partial", "failed", "skipped", "missed"]
 RestoreStatus = Literal["queued", "running", "completed", "failed"]
 Trigger = Literal["manual", "schedule"]
+VerifyLevel = Literal["integrity", "test_restore"]
 
 T = TypeVar("T")
 
@@ -64,6 +65,12 @@ class BackupJob(SQLModel, table=True):
     overdue_since: datetime | None = Field(default=None, sa_type=UTCDateTime)
     last_prune_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     last_prune_error: str | None = Field(default=None, sa_type=Text)
+    # scheduled verification of the latest successful backup (same time zone as the backups)
+    verify_cron: str | None = Field(default=None, max_length=120)
+    verify_level: str = Field(default="integrity", max_length=16)
+    last_verified_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_verify_status: str | None = Field(default=None, max_length=16)
+    last_verify_id: str | None = Field(default=None, max_length=ID_LENGTH)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
@@ -185,6 +192,44 @@ class PruneRun(SQLModel, table=True):
     error: str | None = Field(default=None, sa_type=Text)
 
 
+class VerifyRun(SQLModel, table=True):
+    """One verification of one copy of a backup: integrity, or a test restore into a scratch database."""
+
+    __tablename__ = "verify_runs"
+    __table_args__ = (
+        Index("ix_verify_runs_org_queued", "org_id", "queued_at"),
+        # one verification of a backup at a time
+        Index(
+            "uq_verify_runs_active_backup",
+            "backup_run_id",
+            unique=True,
+            sqlite_where=text("status IN ('queued', 'running')"),
+            postgresql_where=text("status IN ('queued', 'running')"),
+        ),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=ID_LENGTH)
+    org_id: str = Field(foreign_key="organizations.id", max_length=ID_LENGTH)
+    backup_run_id: str = Field(foreign_key="backup_runs.id", index=True, max_length=ID_LENGTH)
+    job_id: str | None = Field(default=None, index=True, max_length=ID_LENGTH)
+    database_id: str = Field(max_length=ID_LENGTH)
+    storage_id: str = Field(max_length=ID_LENGTH)  # the copy verified
+    agent_id: str | None = Field(default=None, index=True, max_length=ID_LENGTH)
+    level: str = Field(max_length=16)
+    trigger: str = Field(default="manual", max_length=16)
+    status: str = Field(default="queued", max_length=16)  # queued | running | completed | failed
+    queued_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    duration_ms: int | None = Field(default=None, sa_type=BigInteger)
+    artifact_sha256_ok: bool | None = None
+    dump_sha256_ok: bool | None = None
+    tables_compared: int = 0
+    mismatches: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSON)
+    error: str | None = Field(default=None, sa_type=Text)
+    last_progress_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
 class RestoreRun(SQLModel, table=True):
     __tablename__ = "restore_runs"
     __table_args__ = (
@@ -219,7 +264,7 @@ class RestoreRun(SQLModel, table=True):
 
 
 class _ScheduleFields(BaseModel):
-    @field_validator("cron", check_fields=False)
+    @field_validator("cron", "verify_cron", check_fields=False)
     @classmethod
     def _cron(cls, value: str | None) -> str | None:
         return None if value is None else check_cron(value)
@@ -265,6 +310,8 @@ class BackupJobCreate(_ScheduleFields):
     timezone: str = "UTC"
     enabled: bool = True
     retention: RetentionPolicy = PydanticField(default_factory=RetentionPolicy)
+    verify_cron: str | None = None
+    verify_level: VerifyLevel = "integrity"
 
 
 class BackupJobUpdate(_ScheduleFields):
@@ -281,6 +328,8 @@ class BackupJobUpdate(_ScheduleFields):
     timezone: str | None = None
     enabled: bool | None = None
     retention: RetentionPolicy | None = None  # replaces the whole policy; {} keeps everything
+    verify_cron: str | None = None  # send null to stop scheduled verification
+    verify_level: VerifyLevel | None = None
 
 
 class BackupJobPublic(BaseModel):
@@ -303,6 +352,11 @@ class BackupJobPublic(BaseModel):
     overdue_since: datetime | None
     last_prune_at: datetime | None
     last_prune_error: str | None
+    verify_cron: str | None
+    verify_level: VerifyLevel
+    last_verified_at: datetime | None
+    last_verify_status: str | None
+    last_verify_id: str | None
     created_at: datetime
     updated_at: datetime
 
@@ -345,6 +399,33 @@ class BackupRunPublic(BaseModel):
     pruned_at: datetime | None
     prune_error: str | None
     copies: list[BackupCopyPublic] = PydanticField(default_factory=list)
+
+
+class TableCheckPublic(BaseModel):
+    table: str
+    expected: int | None
+    found: int | None
+
+
+class VerifyRunPublic(BaseModel):
+    id: str
+    backup_run_id: str
+    job_id: str | None
+    database_id: str
+    storage_id: str
+    agent_id: str | None
+    level: VerifyLevel
+    trigger: str
+    status: str
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_ms: int | None
+    artifact_sha256_ok: bool | None
+    dump_sha256_ok: bool | None
+    tables_compared: int
+    mismatches: list[TableCheckPublic]
+    error: str | None
 
 
 class BackupCopyPublic(BaseModel):

@@ -158,9 +158,10 @@ async def create_job(session: AsyncSession, box: SecretBox, org_id: str, data: B
         key_id="",
     )
     _set_retention(job, data.retention)
+    job.verify_cron, job.verify_level = data.verify_cron, data.verify_level
     new_backup_key(session, box, job)
     session.add(job)
-    if job.cron is not None:
+    if job.cron is not None or job.verify_cron is not None:
         enqueue_schedule(session, job)
     await session.flush()
     return job
@@ -217,7 +218,11 @@ async def update_job(session: AsyncSession, org_id: str, job_id: str, data: Back
         job.encryption_enabled = data.encryption_enabled
     if data.retention is not None:
         _set_retention(job, data.retention)
-    schedule_before = (job.cron, job.timezone, job.enabled)
+    if data.verify_level is not None:
+        job.verify_level = data.verify_level
+    schedule_before = (job.cron, job.verify_cron, job.timezone, job.enabled)
+    if "verify_cron" in fields:
+        job.verify_cron = data.verify_cron
     if "cron" in fields:
         job.cron = data.cron
     if data.timezone is not None:
@@ -225,7 +230,7 @@ async def update_job(session: AsyncSession, org_id: str, job_id: str, data: Back
     if data.enabled is not None:
         job.enabled = data.enabled
     job.updated_at = utcnow()
-    if (job.cron, job.timezone, job.enabled) != schedule_before:
+    if (job.cron, job.verify_cron, job.timezone, job.enabled) != schedule_before:
         job.schedule_set_at = job.updated_at
         job.overdue_since = None
         enqueue_schedule(session, job)
@@ -247,7 +252,7 @@ async def delete_job(session: AsyncSession, org_id: str, job_id: str) -> None:
         raise Conflict(
             "the job has a queued or running backup; wait for it to finish before deleting the job"
         )
-    if job.cron is not None:
+    if job.cron is not None or job.verify_cron is not None:
         enqueue_schedule(session, job, deleted=True)
     await session.delete(job)
     await session.flush()

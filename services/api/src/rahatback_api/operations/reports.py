@@ -7,6 +7,7 @@ from rahatback_api.columns import utcnow
 from rahatback_api.context import app_context
 from rahatback_api.models import BackupCopy, BackupJob, BackupRun, ProcessedMessage, RestoreRun, Storage
 from rahatback_api.retention import service as retention
+from rahatback_api.verification import service as verification
 from rahatback_contracts import messages as m
 from rahatback_contracts import subjects
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,6 +30,9 @@ REPORT_MODELS: dict[str, type[m.Report]] = {
     "restore.started": m.RestoreStarted,
     "restore.completed": m.RestoreCompleted,
     "restore.failed": m.RestoreFailed,
+    "verify.started": m.VerifyStarted,
+    "verify.completed": m.VerifyCompleted,
+    "verify.failed": m.VerifyFailed,
     "prune.completed": m.PruneCompleted,
     "prune.failed": m.PruneFailed,
 }
@@ -63,6 +67,8 @@ async def apply_report(session: AsyncSession, agent_id: str, msg_id: str, report
         changed = await _apply_backup_report(session, agent_id, report)
     elif isinstance(report, m.RestoreStarted | m.RestoreCompleted | m.RestoreFailed):
         changed = await _apply_restore_report(session, agent_id, report)
+    elif isinstance(report, m.VerifyStarted | m.VerifyCompleted | m.VerifyFailed):
+        changed = await verification.apply_verify_report(session, agent_id, report)
     elif isinstance(report, m.PruneCompleted | m.PruneFailed):
         changed = await retention.apply_prune_report(session, agent_id, report)
     else:  # pragma: no cover - parse_report only yields the kinds above

@@ -23,7 +23,16 @@ from rahatback_api.databases.service import database_secrets
 from rahatback_api.errors import AppError, Conflict
 from rahatback_api.messaging.bus import AgentOffline, AgentTimeout, Bus, BusUnavailable
 from rahatback_api.messaging.outbox import enqueue
-from rahatback_api.models import Agent, BackupCopy, BackupJob, BackupRun, Database, RestoreRun, Storage
+from rahatback_api.models import (
+    Agent,
+    BackupCopy,
+    BackupJob,
+    BackupRun,
+    Database,
+    RestoreRun,
+    Storage,
+    VerifyRun,
+)
 from rahatback_api.notifications.service import enqueue_event
 from rahatback_api.security.secretbox import SecretBox
 from rahatback_api.storages.service import storage_secrets
@@ -41,7 +50,7 @@ SWEEP_INTERVAL = timedelta(seconds=10)
 RPC_TIMEOUT_SECONDS = 20.0
 
 
-_Run = TypeVar("_Run", BackupRun, RestoreRun)
+_Run = TypeVar("_Run", BackupRun, RestoreRun, VerifyRun)
 
 
 async def _first_active(session: AsyncSession, model: type[_Run], **match: str) -> str | None:
@@ -227,7 +236,7 @@ def command_envelope(org_id: str) -> dict[str, Any]:
     return {"command_id": new_id(), "org_id": org_id, "issued_at": issued, "expires_at": issued + COMMAND_TTL}
 
 
-async def _sealed_key(
+async def sealed_key(
     session: AsyncSession, box: SecretBox, agent: Agent, org_id: str, key_id: str, info: str
 ) -> m.EncryptionSpec:
     key = await load_backup_key(session, box, org_id, key_id)
@@ -279,7 +288,7 @@ async def start_backup(
     info = m.seal_info("run", run.id)
     encryption = m.EncryptionSpec(enabled=False)
     if job.encryption_enabled:
-        encryption = await _sealed_key(session, box, agent, job.org_id, job.key_id, info)
+        encryption = await sealed_key(session, box, agent, job.org_id, job.key_id, info)
     command = m.BackupCommand(
         **command_envelope(job.org_id),
         run_id=run.id,
@@ -379,7 +388,7 @@ async def start_restore(
     if run.encrypted:
         if run.key_id is None:
             raise Conflict(f"backup run {run.id} is encrypted but records no key id")
-        encryption = await _sealed_key(session, box, agent, run.org_id, run.key_id, info)
+        encryption = await sealed_key(session, box, agent, run.org_id, run.key_id, info)
     command = m.RestoreCommand(
         **command_envelope(run.org_id),
         restore_id=restore.id,
@@ -485,6 +494,44 @@ async def enqueue_restore_event(session: AsyncSession, restore: RestoreRun, even
     )
 
 
+async def finish_verify(
+    session: AsyncSession, verify: VerifyRun, status: str, error: str | None, at: datetime | None = None
+) -> None:
+    """Record a verification's end on it, its backup's job, and announce it (verify.completed|failed)."""
+    verify.status, verify.error = status, error
+    verify.finished_at = at or utcnow()
+    verify.duration_ms = duration_ms(verify.started_at, verify.finished_at)
+    job = await session.get(BackupJob, verify.job_id) if verify.job_id else None
+    if job is not None:
+        job.last_verified_at, job.last_verify_status, job.last_verify_id = (
+            verify.finished_at,
+            status,
+            verify.id,
+        )
+    db = await session.get(Database, verify.database_id)
+    event_type = f"verify.{status}"
+    event = m.VerifyEvent(
+        event_id=new_id(),
+        type=event_type,
+        org_id=verify.org_id,
+        occurred_at=utcnow(),
+        verify_id=verify.id,
+        backup_run_id=verify.backup_run_id,
+        job_id=verify.job_id,
+        job_name=job.name if job else None,
+        database_id=verify.database_id,
+        database_name=db.name if db else "(deleted database)",
+        level=verify.level,
+        status=status,
+        duration_ms=verify.duration_ms,
+        tables_compared=verify.tables_compared,
+        mismatches=[m.TableCheck.model_validate(x) for x in verify.mismatches],
+        error=error,
+    )
+    link = f"/v1/backups/verifications/{verify.id}"
+    await enqueue_event(session, event, f"{verify.id}:{event_type}", job_id=verify.job_id, link_path=link)
+
+
 # ------------------------------------------------------------------------ presence and watchdog
 
 
@@ -505,7 +552,7 @@ async def record_heartbeat(
         await _enqueue_presence(session, agent, online=True, since=previously_seen or agent.last_seen_at)
     # A run the agent lists is alive even when no bytes move (psql building an index, pg_dump
     # waiting for a lock); only a run the agent no longer knows about goes stale.
-    for model in (BackupRun, RestoreRun):
+    for model in (BackupRun, RestoreRun, VerifyRun):
         await session.execute(
             update(model)
             .where(
@@ -532,11 +579,13 @@ async def _enqueue_presence(session: AsyncSession, agent: Agent, *, online: bool
 
 
 async def record_progress(session: AsyncSession, progress: m.Progress, agent_id: str) -> None:
-    row: BackupRun | RestoreRun | None
+    row: BackupRun | RestoreRun | VerifyRun | None
     if progress.kind == "backup":
         row = await session.get(BackupRun, progress.run_id)
-    else:
+    elif progress.kind == "restore":
         row = await session.get(RestoreRun, progress.run_id)
+    else:
+        row = await session.get(VerifyRun, progress.run_id)
     if row is None or row.agent_id != agent_id or row.status not in ACTIVE_RUN_STATUSES:
         return
     row.last_progress_at = utcnow()
@@ -546,7 +595,7 @@ async def record_progress(session: AsyncSession, progress: m.Progress, agent_id:
 
 
 def _stall_reason(
-    row: BackupRun | RestoreRun,
+    row: BackupRun | RestoreRun | VerifyRun,
     agent: Agent | None,
     moment: datetime,
     *,
@@ -567,8 +616,10 @@ def _stall_reason(
     return None
 
 
-async def _fail_stalled(session: AsyncSession, row: BackupRun | RestoreRun, reason: str) -> None:
-    if isinstance(row, BackupRun):
+async def _fail_stalled(session: AsyncSession, row: BackupRun | RestoreRun | VerifyRun, reason: str) -> None:
+    if isinstance(row, VerifyRun):
+        await finish_verify(session, row, "failed", reason)
+    elif isinstance(row, BackupRun):
         fail_run(row, reason)
         job = await session.get(BackupJob, row.job_id) if row.job_id else None
         if job is not None:
@@ -595,9 +646,10 @@ async def sweep_stalled(
     agents = {a.id: a for a in (await session.execute(select(Agent))).scalars().all()}
     limits = {"stall_after": stall_after, "offline_after": offline_after, "command_ttl": command_ttl}
     failed = 0
-    rows: list[BackupRun | RestoreRun] = [
+    rows: list[BackupRun | RestoreRun | VerifyRun] = [
         *await _active_rows(session, BackupRun),
         *await _active_rows(session, RestoreRun),
+        *await _active_rows(session, VerifyRun),
     ]
     for row in rows:
         reason = _stall_reason(row, agents.get(row.agent_id or ""), moment, **limits)

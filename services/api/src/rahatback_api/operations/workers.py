@@ -18,8 +18,10 @@ from rahatback_api.db import session_scope
 from rahatback_api.messaging.bus import Bus
 from rahatback_api.messaging.live import LiveHub
 from rahatback_api.messaging.outbox import OutboxRelay
+from rahatback_api.models import BackupRun, VerifyRun
 from rahatback_api.scheduling import service as scheduling
 from rahatback_api.security.secretbox import SecretBox
+from rahatback_api.verification import service as verification
 from rahatback_contracts import messages as m
 from rahatback_contracts import streams, subjects
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -130,22 +132,29 @@ class Workers:
         log.info("report.applied", subject=msg.subject, kind=kind, changed=changed)
 
     async def handle_control(self, msg: Msg) -> None:
-        """`backup.requested` from the scheduler: run the job like "run now" (or record why not)."""
-        if msg.subject != subjects.BACKUP_REQUESTED:
-            log.warning("control.unsupported", subject=msg.subject)  # verify.requested: not yet
+        """From the scheduler: `backup.requested` runs the job like "run now" (or records why not);
+        `verify.requested` verifies the job's latest successful backup."""
+        if msg.subject not in (subjects.BACKUP_REQUESTED, subjects.VERIFY_REQUESTED):
+            log.warning("control.unsupported", subject=msg.subject)
             await msg.term()
             return
         try:
-            request = m.BackupRequested.from_bytes(msg.data)
+            request = m.VerifyRequested.from_bytes(msg.data)  # same fields as BackupRequested
         except ValueError as exc:
             log.warning("control.malformed", subject=msg.subject, error=str(exc))
             await msg.term()
             return
+        run: BackupRun | VerifyRun | None
         try:
             async with session_scope(self.sessions) as session:
-                run = await scheduling.handle_backup_requested(
-                    session, self.box, request, _msg_id(msg), offline_after=self.offline_after
-                )
+                if msg.subject == subjects.VERIFY_REQUESTED:
+                    run = await verification.handle_verify_requested(
+                        session, self.box, request, _msg_id(msg), offline_after=self.offline_after
+                    )
+                else:
+                    run = await scheduling.handle_backup_requested(
+                        session, self.box, request, _msg_id(msg), offline_after=self.offline_after
+                    )
         except Exception:
             log.exception("control.failed", job_id=request.job_id)
             await msg.nak(delay=min(2.0 * msg.metadata.num_delivered, 30.0))

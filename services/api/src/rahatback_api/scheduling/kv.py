@@ -23,37 +23,49 @@ def _kv_subject(key: str) -> str:
     return f"$KV.{streams.SCHEDULES.bucket}.{key}"
 
 
-def schedule_entry(job: BackupJob) -> m.ScheduleEntry | None:
-    if job.cron is None:
-        return None
-    return m.ScheduleEntry(
-        job_id=job.id,
-        org_id=job.org_id,
-        cron=job.cron,
-        timezone=job.timezone,
-        enabled=job.enabled,
-        updated_at=job.schedule_set_at,
+def schedule_entries(job: BackupJob) -> dict[str, m.ScheduleEntry | None]:
+    """The job's keys in the bucket: its backup and its verification schedule (None = no key)."""
+    entries: dict[str, m.ScheduleEntry | None] = {}
+    schedules: tuple[tuple[m.ScheduleKind, str | None], ...] = (
+        ("backup", job.cron),
+        ("verify", job.verify_cron),
     )
+    for kind, cron in schedules:
+        key = m.schedule_key(kind, job.id)
+        entries[key] = (
+            None
+            if cron is None
+            else m.ScheduleEntry(
+                kind=kind,
+                job_id=job.id,
+                org_id=job.org_id,
+                cron=cron,
+                timezone=job.timezone,
+                enabled=job.enabled,
+                updated_at=job.schedule_set_at,
+            )
+        )
+    return entries
 
 
 def enqueue_schedule(session: AsyncSession, job: BackupJob, *, deleted: bool = False) -> None:
-    """Tell the scheduler (after the commit) what this job's schedule now is."""
-    key = m.schedule_key("backup", job.id)
-    entry = None if deleted else schedule_entry(job)
-    msg_id = f"{job.id}:schedule:{new_id()}"
-    if entry is None:
-        enqueue(session, _kv_subject(key), None, msg_id, headers={"KV-Operation": "DEL"})
-    else:
-        enqueue(session, _kv_subject(key), entry, msg_id)
+    """Tell the scheduler (after the commit) what this job's schedules now are."""
+    for key, entry in schedule_entries(job).items():
+        msg_id = f"{job.id}:schedule:{new_id()}"
+        if entry is None or deleted:
+            enqueue(session, _kv_subject(key), None, msg_id, headers={"KV-Operation": "DEL"})
+        else:
+            enqueue(session, _kv_subject(key), entry, msg_id)
 
 
 async def reconcile_schedules(session: AsyncSession, bus: Bus) -> int:
     """Make the bucket match the jobs (at start-up): heals a lost or stale bucket. Returns changes."""
     kv = await bus.ensure_key_value(streams.SCHEDULES)
     wanted = {
-        m.schedule_key("backup", job.id): entry
+        key: entry
         for job in (await session.execute(select(BackupJob))).scalars()
-        if (entry := schedule_entry(job)) is not None
+        for key, entry in schedule_entries(job).items()
+        if entry is not None
     }
     try:
         present = set(await kv.keys())

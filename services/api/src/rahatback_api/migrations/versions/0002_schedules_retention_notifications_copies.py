@@ -123,10 +123,63 @@ def upgrade() -> None:
     with op.batch_alter_table("restore_runs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("storage_id", sa.String(length=32), nullable=True))
 
+    op.create_table(
+        "verify_runs",
+        sa.Column("id", sa.String(length=32), nullable=False),
+        sa.Column("org_id", sa.String(length=32), nullable=False),
+        sa.Column("backup_run_id", sa.String(length=32), nullable=False),
+        sa.Column("job_id", sa.String(length=32), nullable=True),
+        sa.Column("database_id", sa.String(length=32), nullable=False),
+        sa.Column("storage_id", sa.String(length=32), nullable=False),
+        sa.Column("agent_id", sa.String(length=32), nullable=True),
+        sa.Column("level", sa.String(length=16), nullable=False),
+        sa.Column("trigger", sa.String(length=16), nullable=False),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("queued_at", UTCDateTime(), nullable=False),
+        sa.Column("started_at", UTCDateTime(), nullable=True),
+        sa.Column("finished_at", UTCDateTime(), nullable=True),
+        sa.Column("duration_ms", sa.BigInteger(), nullable=True),
+        sa.Column("artifact_sha256_ok", sa.Boolean(), nullable=True),
+        sa.Column("dump_sha256_ok", sa.Boolean(), nullable=True),
+        sa.Column("tables_compared", sa.Integer(), nullable=False),
+        sa.Column("mismatches", sa.JSON(), nullable=False),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("last_progress_at", UTCDateTime(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["backup_run_id"], ["backup_runs.id"], name=op.f("fk_verify_runs_backup_run_id_backup_runs")
+        ),
+        sa.ForeignKeyConstraint(
+            ["org_id"], ["organizations.id"], name=op.f("fk_verify_runs_org_id_organizations")
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_verify_runs")),
+    )
+    with op.batch_alter_table("verify_runs", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_verify_runs_agent_id"), ["agent_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_verify_runs_backup_run_id"), ["backup_run_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_verify_runs_job_id"), ["job_id"], unique=False)
+        batch_op.create_index("ix_verify_runs_org_queued", ["org_id", "queued_at"], unique=False)
+        batch_op.create_index(
+            "uq_verify_runs_active_backup",
+            ["backup_run_id"],
+            unique=True,
+            sqlite_where=sa.text("status IN ('queued', 'running')"),
+            postgresql_where=sa.text("status IN ('queued', 'running')"),
+        )
+
+    with op.batch_alter_table("backup_jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("verify_cron", sa.String(length=120), nullable=True))
+        batch_op.add_column(sa.Column("verify_level", sa.String(length=16), nullable=True))
+        batch_op.add_column(sa.Column("last_verified_at", UTCDateTime(), nullable=True))
+        batch_op.add_column(sa.Column("last_verify_status", sa.String(length=16), nullable=True))
+        batch_op.add_column(sa.Column("last_verify_id", sa.String(length=32), nullable=True))
+
     # existing rows: no extra storages or tools yet; the dead-man clock starts at the job's last
     # change; its last success and its backups' copies come from the history
     op.execute("UPDATE agents SET tools = '{}'")
-    op.execute("UPDATE backup_jobs SET extra_storage_ids = '[]', schedule_set_at = updated_at")
+    op.execute(
+        "UPDATE backup_jobs SET extra_storage_ids = '[]', schedule_set_at = updated_at,"
+        " verify_level = 'integrity'"
+    )
     op.execute("UPDATE backup_runs SET extra_storage_ids = '[]'")
     op.execute(
         "UPDATE backup_jobs SET last_success_at = (SELECT max(r.finished_at) FROM backup_runs r"
@@ -143,11 +196,31 @@ def upgrade() -> None:
     with op.batch_alter_table("backup_jobs", schema=None) as batch_op:
         batch_op.alter_column("extra_storage_ids", existing_type=sa.JSON(), nullable=False)
         batch_op.alter_column("schedule_set_at", existing_type=UTCDateTime(), nullable=False)
+        batch_op.alter_column("verify_level", existing_type=sa.String(length=16), nullable=False)
     with op.batch_alter_table("backup_runs", schema=None) as batch_op:
         batch_op.alter_column("extra_storage_ids", existing_type=sa.JSON(), nullable=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("backup_jobs", schema=None) as batch_op:
+        batch_op.drop_column("last_verify_id")
+        batch_op.drop_column("last_verify_status")
+        batch_op.drop_column("last_verified_at")
+        batch_op.drop_column("verify_level")
+        batch_op.drop_column("verify_cron")
+
+    with op.batch_alter_table("verify_runs", schema=None) as batch_op:
+        batch_op.drop_index(
+            "uq_verify_runs_active_backup",
+            sqlite_where=sa.text("status IN ('queued', 'running')"),
+            postgresql_where=sa.text("status IN ('queued', 'running')"),
+        )
+        batch_op.drop_index("ix_verify_runs_org_queued")
+        batch_op.drop_index(batch_op.f("ix_verify_runs_job_id"))
+        batch_op.drop_index(batch_op.f("ix_verify_runs_backup_run_id"))
+        batch_op.drop_index(batch_op.f("ix_verify_runs_agent_id"))
+
+    op.drop_table("verify_runs")
     with op.batch_alter_table("restore_runs", schema=None) as batch_op:
         batch_op.drop_column("storage_id")
 
