@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rahatback_api import metrics as api_metrics
 from rahatback_api.columns import utcnow
 from rahatback_api.db import session_scope
-from rahatback_api.models import Agent
+from rahatback_api.models import Agent, BackupJob
 from rahatback_contracts import messages as m
 from rahatback_contracts import subjects
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -124,17 +124,29 @@ async def test_a_failed_run_and_an_offline_agent(
 
 
 async def test_state_is_read_at_most_once_per_refresh_interval(
-    client: httpx.AsyncClient, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient,
+    tenant: Tenant,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     first = await create_job(client, tenant, name="first")
     _, samples = await scrape(client)
     assert not absent(samples, "rahatback_backup_job_enabled", job_id=str(first["id"]))
     second = await create_job(client, tenant, name="second")
+    verified_at = utcnow() - timedelta(hours=5)
+    async with session_scope(sessionmaker) as session:
+        job = await session.get(BackupJob, first["id"])
+        assert job is not None
+        job.last_verified_at = verified_at
     _, samples = await scrape(client)
     assert absent(samples, "rahatback_backup_job_enabled", job_id=str(second["id"])), "served from cache"
+    assert absent(samples, "rahatback_backup_last_verification_timestamp_seconds", job_id=str(first["id"]))
     monkeypatch.setattr(api_metrics, "REFRESH_SECONDS", 0.0)
     _, samples = await scrape(client)
     assert value(samples, "rahatback_backup_job_enabled", job_id=str(second["id"])) == 1
+    name = "rahatback_backup_last_verification_timestamp_seconds"
+    verification = value(samples, name, job_id=str(first["id"]))
+    assert verification == pytest.approx(verified_at.timestamp(), abs=0.001)
 
 
 async def test_unknown_paths_share_one_route_label(client: httpx.AsyncClient) -> None:

@@ -167,9 +167,8 @@ class StateCollector:
             add("rahatback_backup_last_run_timestamp_seconds", labels, _timestamp(job.last_run_at))
             add("rahatback_backup_overdue", labels, 1.0 if job.overdue_since is not None else 0.0)
             add("rahatback_backup_job_enabled", labels, 1.0 if job.enabled else 0.0)
-            # BackupJob.last_verified_at arrives with scheduled verification; until then: no samples
-            verified_at: datetime | None = getattr(job, "last_verified_at", None)
-            add("rahatback_backup_last_verification_timestamp_seconds", labels, _timestamp(verified_at))
+            verified_at = _timestamp(job.last_verified_at)
+            add("rahatback_backup_last_verification_timestamp_seconds", labels, verified_at)
             if job.last_run_status is not None:
                 for status in RUN_STATUSES:
                     add(
@@ -279,7 +278,7 @@ def _families() -> list[Family]:
         ),
         gauge(
             "rahatback_backup_last_verification_timestamp_seconds",
-            "When the job's last backup verification finished; absent until one has",
+            "When the job's last verification ended, whatever its outcome; absent until one has",
             JOB_LABELS,
         ),
         gauge(
