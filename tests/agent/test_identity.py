@@ -96,7 +96,7 @@ def test_enroll_writes_a_private_identity_that_opens_secrets_sealed_to_it(
 
     sent = FakeEnrollApi.received[-1]
     assert set(sent) >= {"token", "name", "hostname", "version", "x25519_public_key", "engines", "storages"}
-    assert "postgresql" in sent["engines"] and sent["storages"] == ["local"]
+    assert "postgresql" in sent["engines"] and sent["storages"] == ["local", "s3", "gdrive"]
     # only the public key left the host, and it matches the stored private key
     assert sent["x25519_public_key"] == identity.public_key_b64
     assert len(base64.b64decode(sent["x25519_public_key"])) == 32

@@ -28,7 +28,6 @@ from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy, StreamConfig
 from rahatback_agent.identity import save_identity
 from rahatback_agent.pipeline import Manifest
-from rahatback_contracts.sealing import seal
 from rahatback_contracts import streams, subjects
 from rahatback_contracts.messages import (
     BackupCommand,
@@ -41,6 +40,7 @@ from rahatback_contracts.messages import (
     StorageTestRequest,
     seal_info,
 )
+from rahatback_contracts.sealing import seal
 
 from tests.agent.conftest import (
     AgentHarness,
@@ -119,9 +119,7 @@ def backup_command(
         encryption=EncryptionSpec(
             enabled=True,
             key_id="job-key-1",
-            job_key=seal(
-                agent.public_key_b64, {"key_b64": base64.b64encode(job_key).decode()}, info
-            ),
+            job_key=seal(agent.public_key_b64, {"key_b64": base64.b64encode(job_key).decode()}, info),
         ),
     )
 
@@ -315,9 +313,7 @@ async def test_backup_then_restore_into_another_database(
             dump_sha256=done["dump_sha256"],
             encryption=EncryptionSpec(
                 key_id="job-key-1",
-                job_key=seal(
-                    agent.public_key_b64, {"key_b64": base64.b64encode(job_key).decode()}, info
-                ),
+                job_key=seal(agent.public_key_b64, {"key_b64": base64.b64encode(job_key).decode()}, info),
             ),
         )
         await agent.send_command("restore.execute", restore)
@@ -367,9 +363,7 @@ async def test_tampered_artifact_is_refused_and_target_untouched(
             encrypted=True,
             encryption=EncryptionSpec(
                 key_id="job-key-1",
-                job_key=seal(
-                    agent.public_key_b64, {"key_b64": base64.b64encode(job_key).decode()}, info
-                ),
+                job_key=seal(agent.public_key_b64, {"key_b64": base64.b64encode(job_key).decode()}, info),
             ),
         )
         await agent.send_command("restore.execute", restore)

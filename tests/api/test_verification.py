@@ -119,6 +119,7 @@ async def test_a_verification_is_sent_recorded_and_announced(
     assert "public.orders expected 1000 rows, found 640" in body["error"]
     job_now = (await client.get(f"/v1/backups/jobs/{job['id']}", headers=tenant.headers)).json()
     assert job_now["last_verify_status"] == "failed" and job_now["last_verify_id"] == verify["id"]
+    assert job_now["last_verify_ok_at"] is None
     listed = (
         await client.get(
             "/v1/backups/verifications", params={"backup_run_id": run_id}, headers=tenant.headers
@@ -146,7 +147,7 @@ async def test_a_verification_is_sent_recorded_and_announced(
     )
     assert await apply(sessionmaker, agent.id, ok, "v2:c")
     job_now = (await client.get(f"/v1/backups/jobs/{job['id']}", headers=tenant.headers)).json()
-    assert job_now["last_verify_status"] == "completed" and job_now["last_verified_at"] is not None
+    assert job_now["last_verify_status"] == "completed" and job_now["last_verify_ok_at"] is not None
     (command2,) = [
         c
         for c in map(

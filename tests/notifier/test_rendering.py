@@ -96,11 +96,20 @@ OVERDUE = {
             "reporting again",
         ),
         (
-            # not modelled by the contracts yet: rendered from the raw fields
             "verify.failed",
-            {"run_id": "r9", "job_name": "Nightly", "database_name": "orders_db", "error": "sha256 mismatch"},
+            {
+                "verify_id": "v1",
+                "backup_run_id": "r9",
+                "job_name": "Nightly",
+                "database_id": "d1",
+                "database_name": "orders_db",
+                "level": "test_restore",
+                "status": "failed",
+                "mismatches": [{"table": "public.orders", "expected": 1000, "found": 640}],
+                "error": "public.orders expected 1000 rows, found 640",
+            },
             "❌ Verification FAILED: Nightly (orders_db)",
-            "sha256 mismatch",
+            "1000 rows at backup time, 640 after the test restore",
         ),
         (
             "backup.partial",

@@ -167,7 +167,7 @@ class StateCollector:
             add("rahatback_backup_last_run_timestamp_seconds", labels, _timestamp(job.last_run_at))
             add("rahatback_backup_overdue", labels, 1.0 if job.overdue_since is not None else 0.0)
             add("rahatback_backup_job_enabled", labels, 1.0 if job.enabled else 0.0)
-            verified_at = _timestamp(job.last_verified_at)
+            verified_at = _timestamp(job.last_verify_ok_at)
             add("rahatback_backup_last_verification_timestamp_seconds", labels, verified_at)
             if job.last_run_status is not None:
                 for status in RUN_STATUSES:

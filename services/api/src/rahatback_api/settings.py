@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MASTER_KEY_BYTES = 32
@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     # a running run that its heartbeating agent no longer lists (or that never progresses) fails after this
     agent_stall_seconds: int = 120
     agent_offline_seconds: int = 30
+    # JetStream replicas of the streams and buckets (3 on a 3-node NATS cluster)
+    stream_replicas: int = Field(default=1, ge=1, le=5)
     # `backup.overdue` fires this long after a scheduled run should have succeeded and has not
     overdue_grace_seconds: int = 1800
     # base64 raw X25519 public key of the notifier (`rahatback-notifier keygen`): webhook URLs and

@@ -29,19 +29,12 @@ from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    KeyValueConfig,
-    RetentionPolicy,
-    StreamConfig,
-)
-from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 from rahatback_contracts import streams, subjects
 from rahatback_contracts.messages import DomainEvent, NotifyTarget, parse_event
+from rahatback_jetstream import create_consumer_if_missing, create_stream_if_missing, key_value
 from structlog.typing import FilteringBoundLogger
 
 from . import metrics
@@ -93,62 +86,12 @@ def idempotency_key(event_id: str, channel_id: str) -> str:
     return f"{part(event_id)}.{part(channel_id)}"
 
 
-def _stream_config(spec: streams.StreamSpec) -> StreamConfig:
-    return StreamConfig(
-        name=spec.name,
-        description=spec.description,
-        subjects=list(spec.subjects),
-        retention=RetentionPolicy.WORK_QUEUE if spec.retention == "workqueue" else RetentionPolicy.LIMITS,
-        max_age=float(spec.max_age_seconds),
-        duplicate_window=float(spec.duplicate_window_seconds),
-    )
-
-
-def _consumer_config(spec: streams.ConsumerSpec) -> ConsumerConfig:
-    return ConsumerConfig(
-        durable_name=spec.durable,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=float(spec.ack_wait_seconds),
-        max_deliver=spec.max_deliver,
-        # see the spec: a first start must not mail weeks of history; from then on the durable
-        # consumer remembers where it is, across restarts
-        deliver_policy=DeliverPolicy.NEW if spec.deliver_policy == "new" else DeliverPolicy.ALL,
-    )
-
-
-async def ensure_jetstream(js: JetStreamContext) -> KeyValue:
+async def ensure_jetstream(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     """Create what the notifier needs if it is missing; never change what the API created."""
     for spec in (streams.EVENTS, streams.DEAD_LETTERS):
-        try:
-            await js.stream_info(spec.name)
-        except NotFoundError:
-            try:
-                await js.add_stream(_stream_config(spec))
-            except BadRequestError:  # created meanwhile by the API or another replica
-                await js.stream_info(spec.name)
-    consumer = streams.NOTIFIER_EVENTS_CONSUMER
-    try:
-        await js.consumer_info(consumer.stream, consumer.durable)
-    except NotFoundError:
-        try:
-            await js.add_consumer(consumer.stream, _consumer_config(consumer))
-        except BadRequestError:
-            await js.consumer_info(consumer.stream, consumer.durable)
-    bucket = streams.NOTIFICATIONS_SENT
-    try:
-        return await js.key_value(bucket.bucket)
-    except BucketNotFoundError:
-        try:
-            return await js.create_key_value(
-                KeyValueConfig(
-                    bucket=bucket.bucket,
-                    description=bucket.description,
-                    history=bucket.history,
-                    ttl=float(bucket.ttl_seconds) or None,
-                )
-            )
-        except BadRequestError:
-            return await js.key_value(bucket.bucket)
+        await create_stream_if_missing(js, spec, replicas)
+    await create_consumer_if_missing(js, streams.NOTIFIER_EVENTS_CONSUMER)
+    return await key_value(js, streams.NOTIFICATIONS_SENT, replicas)
 
 
 class Notifier:
@@ -169,7 +112,7 @@ class Notifier:
         nc = await self._connect()
         try:
             js = nc.jetstream()
-            kv = await ensure_jetstream(js)
+            kv = await ensure_jetstream(js, self.settings.stream_replicas)
             spec = streams.NOTIFIER_EVENTS_CONSUMER
             sub = await js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
             async with httpx.AsyncClient(

@@ -38,7 +38,8 @@ _SUBJECTS: dict[str, str] = {
     "{% if job_name %} (from {{ job_name }}){% endif %}",
     "restore_failed": "❌ Restore FAILED: {{ database_name }}"
     "{% if job_name %} (from {{ job_name }}){% endif %}",
-    "verification_failed": "❌ Verification FAILED: {{ job_name or 'backup ' ~ (run_id or '') }}"
+    "verification_failed": "❌ Verification FAILED: "
+    "{{ job_name or 'backup ' ~ (backup_run_id or run_id or '') }}"
     "{% if database_name %} ({{ database_name }}){% endif %}",
     "agent_offline": "🔌 Agent offline: {{ agent_name }}",
     "agent_online": "🟢 Agent back online: {{ agent_name }}",

@@ -23,6 +23,8 @@ class NotifierSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAHATBACK_NOTIFIER_", extra="ignore")
 
     nats_url: str = "nats://127.0.0.1:4222"
+    # replicas of EVENTS, DEAD_LETTERS and the bucket if the notifier is the first to create them
+    stream_replicas: int = Field(default=1, ge=1, le=5)
     # X25519 key the API seals webhook/Slack URLs and signing secrets to: base64 of the 32 raw bytes,
     # inline or in a file (`rahatback-notifier keygen` writes one). Without it only email works.
     private_key: SecretStr | None = None

@@ -25,18 +25,15 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[impo
 from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped]  # same
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, RetentionPolicy, StreamConfig
 from nats.js.errors import (
-    BadRequestError,
-    BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NotFoundError,
 )
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from pydantic import ValidationError
 from rahatback_contracts import streams, subjects
 from rahatback_contracts.messages import BackupRequested, ScheduleEntry, schedule_key, scheduled_msg_id
+from rahatback_jetstream import create_stream_if_missing, key_value
 
 from .catchup import Due, plan_catch_up
 from .cron import CronError, CronSchedule
@@ -67,17 +64,6 @@ class _Loaded:
     entry: ScheduleEntry
     schedule: CronSchedule
     generation: int  # bumps on every (re)load: work of an older load is dropped
-
-
-def _stream_config(spec: streams.StreamSpec) -> StreamConfig:
-    return StreamConfig(
-        name=spec.name,
-        description=spec.description,
-        subjects=list(spec.subjects),
-        retention=RetentionPolicy.WORK_QUEUE if spec.retention == "workqueue" else RetentionPolicy.LIMITS,
-        max_age=float(spec.max_age_seconds),
-        duplicate_window=float(spec.duplicate_window_seconds),
-    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -202,28 +188,10 @@ class Scheduler:
         return self._js
 
     async def _ensure_control_stream(self) -> None:
-        try:
-            await self.js.stream_info(streams.CONTROL.name)
-        except NotFoundError:
-            with contextlib.suppress(BadRequestError):  # created meanwhile, maybe with the API's settings
-                await self.js.add_stream(_stream_config(streams.CONTROL))
+        await create_stream_if_missing(self.js, streams.CONTROL, self._settings.stream_replicas)
 
     async def _ensure_bucket(self, spec: streams.KeyValueSpec) -> KeyValue:
-        try:
-            return await self.js.key_value(spec.bucket)
-        except BucketNotFoundError:
-            pass
-        try:
-            return await self.js.create_key_value(
-                KeyValueConfig(
-                    bucket=spec.bucket,
-                    description=spec.description,
-                    history=spec.history,
-                    ttl=spec.ttl_seconds or None,
-                )
-            )
-        except BadRequestError:  # "already exists": created by the API or another replica meanwhile
-            return await self.js.key_value(spec.bucket)
+        return await key_value(self.js, spec, self._settings.stream_replicas)
 
     # --- watching SCHEDULES --------------------------------------------------------------------
 

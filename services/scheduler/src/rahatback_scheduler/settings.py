@@ -12,6 +12,8 @@ class SchedulerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAHATBACK_SCHEDULER_", extra="ignore")
 
     nats_url: str = "nats://127.0.0.1:4222"
+    # replicas of CONTROL and the buckets if the scheduler is the first to create them
+    stream_replicas: int = Field(default=1, ge=1, le=5)
     # a fire found due at most this long ago (after downtime or an outage) still runs; older ones are
     # reported as missed runs (docs/scheduling.md)
     misfire_grace_seconds: float = Field(default=300.0, ge=0)

@@ -68,8 +68,9 @@ class BackupJob(SQLModel, table=True):
     # scheduled verification of the latest successful backup (same time zone as the backups)
     verify_cron: str | None = Field(default=None, max_length=120)
     verify_level: str = Field(default="integrity", max_length=16)
-    last_verified_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_verified_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # any outcome
     last_verify_status: str | None = Field(default=None, max_length=16)
+    last_verify_ok_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # last that passed
     last_verify_id: str | None = Field(default=None, max_length=ID_LENGTH)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
@@ -356,6 +357,7 @@ class BackupJobPublic(BaseModel):
     verify_level: VerifyLevel
     last_verified_at: datetime | None
     last_verify_status: str | None
+    last_verify_ok_at: datetime | None
     last_verify_id: str | None
     created_at: datetime
     updated_at: datetime

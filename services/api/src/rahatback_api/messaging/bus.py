@@ -13,18 +13,11 @@ from nats.aio.client import Client
 from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    KeyValueConfig,
-    RetentionPolicy,
-    StreamConfig,
-)
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 from rahatback_contracts import streams
 from rahatback_contracts.messages import Message
+from rahatback_jetstream import consumer_config, key_value, stream_config
 
 log = structlog.get_logger(__name__)
 
@@ -45,39 +38,19 @@ class BusUnavailable(Exception):
     """The API's own NATS connection is down."""
 
 
-def _stream_config(spec: streams.StreamSpec) -> StreamConfig:
-    return StreamConfig(
-        name=spec.name,
-        description=spec.description,
-        subjects=list(spec.subjects),
-        retention=RetentionPolicy.WORK_QUEUE if spec.retention == "workqueue" else RetentionPolicy.LIMITS,
-        max_age=float(spec.max_age_seconds),
-        duplicate_window=float(spec.duplicate_window_seconds),
-    )
-
-
-def _consumer_config(spec: streams.ConsumerSpec) -> ConsumerConfig:
-    filters = list(spec.filter_subjects)
-    return ConsumerConfig(
-        durable_name=spec.durable,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=float(spec.ack_wait_seconds),
-        max_deliver=spec.max_deliver,
-        deliver_policy=DeliverPolicy.NEW if spec.deliver_policy == "new" else DeliverPolicy.ALL,
-        filter_subject=filters[0] if len(filters) == 1 else None,
-        filter_subjects=filters if len(filters) > 1 else None,
-    )
-
-
 @dataclass
 class Bus:
     nc: Client
     js: JetStreamContext
     # loop time of the last (re)connection: presence heard over a broken connection means nothing
     connected_since: float = field(default_factory=time.monotonic)
+    # JetStream replicas of the streams and buckets the API creates (3 on a 3-node cluster)
+    replicas: int = 1
 
     @classmethod
-    async def connect(cls, url: str, name: str = "rahatback-api", first_connect_seconds: float = 30) -> Bus:
+    async def connect(
+        cls, url: str, name: str = "rahatback-api", first_connect_seconds: float = 30, replicas: int = 1
+    ) -> Bus:
         """Connect (and later reconnect forever); refuse to start if NATS is unreachable at first."""
 
         async def on_error(exc: Exception) -> None:
@@ -105,13 +78,13 @@ class Bus:
             )
         except TimeoutError as exc:
             raise NatsUnreachable(f"cannot reach NATS at {url} within {first_connect_seconds:.0f} s") from exc
-        bus = cls(nc=nc, js=nc.jetstream())
+        bus = cls(nc=nc, js=nc.jetstream(), replicas=replicas)
         await bus.ensure_streams()
         return bus
 
     async def ensure_streams(self) -> None:
         for spec in streams.ALL_STREAMS:
-            config = _stream_config(spec)
+            config = stream_config(spec, self.replicas)
             try:
                 await self.js.stream_info(spec.name)
                 await self.js.update_stream(config)
@@ -126,20 +99,10 @@ class Bus:
             await self.ensure_key_value(kv)
 
     async def ensure_key_value(self, spec: streams.KeyValueSpec) -> KeyValue:
-        try:
-            return await self.js.key_value(spec.bucket)
-        except BucketNotFoundError:
-            return await self.js.create_key_value(
-                KeyValueConfig(
-                    bucket=spec.bucket,
-                    description=spec.description,
-                    history=spec.history,
-                    ttl=spec.ttl_seconds or None,
-                )
-            )
+        return await key_value(self.js, spec, self.replicas)
 
     async def ensure_consumer(self, spec: streams.ConsumerSpec) -> None:
-        await self.js.add_consumer(spec.stream, _consumer_config(spec))
+        await self.js.add_consumer(spec.stream, consumer_config(spec))
 
     async def ensure_agent_consumer(self, agent_id: str) -> None:
         await self.ensure_consumer(streams.agent_commands_consumer(agent_id))

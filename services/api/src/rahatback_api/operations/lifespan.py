@@ -25,7 +25,7 @@ log = structlog.get_logger(__name__)
 async def nats_lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     sessions = app.state.sessionmaker
-    bus = await Bus.connect(settings.nats_url)
+    bus = await Bus.connect(settings.nats_url, replicas=settings.stream_replicas)
 
     async def org_of_agent(agent_id: str) -> str | None:
         async with sessions() as session:

@@ -503,11 +503,10 @@ async def finish_verify(
     verify.duration_ms = duration_ms(verify.started_at, verify.finished_at)
     job = await session.get(BackupJob, verify.job_id) if verify.job_id else None
     if job is not None:
-        job.last_verified_at, job.last_verify_status, job.last_verify_id = (
-            verify.finished_at,
-            status,
-            verify.id,
-        )
+        job.last_verified_at, job.last_verify_status = verify.finished_at, status
+        job.last_verify_id = verify.id
+        if status == "completed":
+            job.last_verify_ok_at = verify.finished_at
     db = await session.get(Database, verify.database_id)
     event_type = f"verify.{status}"
     event = m.VerifyEvent(

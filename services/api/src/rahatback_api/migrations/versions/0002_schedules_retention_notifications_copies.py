@@ -172,6 +172,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("last_verified_at", UTCDateTime(), nullable=True))
         batch_op.add_column(sa.Column("last_verify_status", sa.String(length=16), nullable=True))
         batch_op.add_column(sa.Column("last_verify_id", sa.String(length=32), nullable=True))
+        batch_op.add_column(sa.Column("last_verify_ok_at", UTCDateTime(), nullable=True))
 
     # existing rows: no extra storages or tools yet; the dead-man clock starts at the job's last
     # change; its last success and its backups' copies come from the history
@@ -203,6 +204,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table("backup_jobs", schema=None) as batch_op:
+        batch_op.drop_column("last_verify_ok_at")
         batch_op.drop_column("last_verify_id")
         batch_op.drop_column("last_verify_status")
         batch_op.drop_column("last_verified_at")
