@@ -123,6 +123,23 @@ async def test_a_failed_run_and_an_offline_agent(
     assert value(samples, "rahatback_agents", org_id=tenant.org_id, state="online") == 0
 
 
+async def test_verification_outcome_and_age(
+    client: httpx.AsyncClient, tenant: Tenant, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
+    await add_agent(tenant)
+    run = await run_now(client, tenant, name="verified")
+    passed_at = utcnow() - timedelta(days=2)
+    async with session_scope(sessionmaker) as session:
+        job = await session.get(BackupJob, run["job_id"])
+        assert job is not None
+        job.last_verify_ok_at, job.last_verified_at, job.last_verify_status = passed_at, utcnow(), "failed"
+    _, samples = await scrape(client)
+    labels = {"job_id": run["job_id"]}
+    assert value(samples, "rahatback_backup_last_verification_failed", **labels) == 1
+    age_source = value(samples, "rahatback_backup_last_verification_timestamp_seconds", **labels)
+    assert age_source == pytest.approx(passed_at.timestamp(), abs=0.001)  # the last one that passed
+
+
 async def test_state_is_read_at_most_once_per_refresh_interval(
     client: httpx.AsyncClient,
     tenant: Tenant,
@@ -137,7 +154,7 @@ async def test_state_is_read_at_most_once_per_refresh_interval(
     async with session_scope(sessionmaker) as session:
         job = await session.get(BackupJob, first["id"])
         assert job is not None
-        job.last_verified_at = verified_at
+        job.last_verify_ok_at = verified_at
     _, samples = await scrape(client)
     assert absent(samples, "rahatback_backup_job_enabled", job_id=str(second["id"])), "served from cache"
     assert absent(samples, "rahatback_backup_last_verification_timestamp_seconds", job_id=str(first["id"]))

@@ -169,6 +169,9 @@ class StateCollector:
             add("rahatback_backup_job_enabled", labels, 1.0 if job.enabled else 0.0)
             verified_at = _timestamp(job.last_verify_ok_at)
             add("rahatback_backup_last_verification_timestamp_seconds", labels, verified_at)
+            if job.last_verify_status is not None:
+                failed = 1.0 if job.last_verify_status == "failed" else 0.0
+                add("rahatback_backup_last_verification_failed", labels, failed)
             if job.last_run_status is not None:
                 for status in RUN_STATUSES:
                     add(
@@ -278,7 +281,12 @@ def _families() -> list[Family]:
         ),
         gauge(
             "rahatback_backup_last_verification_timestamp_seconds",
-            "When the job's last verification ended, whatever its outcome; absent until one has",
+            "When the job's last passed verification ended; absent until one has passed",
+            JOB_LABELS,
+        ),
+        gauge(
+            "rahatback_backup_last_verification_failed",
+            "1 if the job's most recent verification failed (a backup that may not restore), else 0",
             JOB_LABELS,
         ),
         gauge(
