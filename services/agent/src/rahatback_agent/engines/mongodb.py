@@ -32,7 +32,7 @@ from bson.errors import BSONError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pymongo import errors as mongo_errors
 
-from rahatback_agent.engines.base import Connection, EngineError, ToolAction, ToolProblem
+from rahatback_agent.engines.base import Connection, EngineError, TableCounts, ToolAction, ToolProblem
 from rahatback_agent.engines.process import ExplainFailure, StderrTail, stream_stdout
 
 __all__ = [
@@ -524,7 +524,10 @@ class MongoDBEngine:
             names = [str(doc["name"]) for doc in await cursor.to_list(length=None)]
         return sorted(name for name in names if name not in SYSTEM_DATABASES)
 
-    def dump(self, conn: Connection) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+    def dump(
+        self, conn: Connection, counts: TableCounts | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        # no row counts: the archive/backup file is opaque to the agent (docs/verification.md)
         return self._dump(conn)
 
     @asynccontextmanager

@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from rahatback_agent.engines.base import Connection, EngineError, ErrorCode, NoExternalTools
+from rahatback_agent.engines.base import Connection, EngineError, ErrorCode, NoExternalTools, TableCounts
 from rahatback_agent.engines.process import CHUNK_SIZE
 
 __all__ = [
@@ -552,7 +552,10 @@ class MSSQLEngine(NoExternalTools):
                 await cursor.close()
         return [str(row["name"]) for row in rows]
 
-    def dump(self, conn: Connection) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+    def dump(
+        self, conn: Connection, counts: TableCounts | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        # no row counts: the archive/backup file is opaque to the agent (docs/verification.md)
         return self._dump(conn)
 
     @asynccontextmanager

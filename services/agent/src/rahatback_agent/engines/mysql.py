@@ -2,6 +2,8 @@
 mariadb client into a scratch database that replaces the target's tables in one RENAME TABLE.
 
 Why these flags, how the password reaches the tools, and what a restore guarantees: docs/mysql-dumps.md.
+Row counts for the manifest are read from the dump stream itself (the only place that sees exactly
+the dump's snapshot), scratch databases of test restores: docs/verification.md.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pymysql.charset import charset_by_name  # type: ignore[import-untyped]
 from pymysql.constants import CLIENT  # type: ignore[import-untyped]
 
-from rahatback_agent.engines.base import Connection, EngineError, ToolAction, ToolProblem
+from rahatback_agent.engines.base import Connection, EngineError, TableCounts, ToolAction, ToolProblem
 from rahatback_agent.engines.process import ExplainFailure, feed_stdin, stream_stdout
 
 __all__ = [
@@ -653,6 +655,209 @@ async def _refuse_dangling_foreign_keys(db: Any, target: str, old_tables: list[s
             )
 
 
+# ------------------------------------------------------------------ row counts from the dump stream
+
+# mariadb-dump/mysqldump write each table's rows between `LOCK TABLES `t` WRITE;` and
+# `UNLOCK TABLES;` (--add-locks, on by default) as extended INSERTs, one row per line (MariaDB) or
+# many per line (MySQL). Nothing else is ever inside that bracket but DISABLE/ENABLE KEYS, and
+# stored programs (which may hold INSERT lines of their own) cannot contain LOCK TABLES.
+#
+# Inside an INSERT, strings are escaped by the tool itself (it sets its own sql_mode, and the dump is
+# utf8mb4, where no multibyte character holds a 0x5C or 0x27 byte): a backslash always starts a
+# two-byte escape and a raw newline never occurs. So deleting `\\` and then `\'` leaves only the
+# quotes that open and close strings, outside of which every `(` starts a row (values are numbers,
+# NULL, 0x... with --hex-blob, or b'...'), and the first `);\n` ends the statement.
+_LOCK_LINE = re.compile(rb"LOCK TABLES `((?:[^`]|``)+)` WRITE;")
+_HEAD_CAP = 1 << 16  # bytes of a line kept to recognise it; INSERT heads with column lists fit
+_STATEMENT_END = b");\n"
+
+
+def _insert_head(table: bytes) -> re.Pattern[bytes]:
+    """`INSERT INTO `t` VALUES`, with the column list mariadb-dump adds for generated columns."""
+    columns = rb"(?: \((?:`(?:[^`]|``)*+`,? ?)*+\))?"
+    return re.compile(re.escape(b"INSERT INTO `" + table + b"`") + columns + rb" ?VALUES")
+
+
+class DumpRowCounter:
+    """Counts the rows of every table in a mariadb-dump/mysqldump stream fed to it in any pieces.
+
+    A dump it cannot follow is never guessed at: `result()` is then None (and `problem` says why).
+    The work is a few passes of bytes methods per piece, far faster than the dump tool; memory is
+    one line head (_HEAD_CAP) whatever the rows hold.
+    """
+
+    def __init__(self) -> None:
+        self.tables: dict[str, int] = {}
+        self.problem: str | None = None
+        self._pending = b""  # held back for the next piece: a line's start, or an INSERT's last bytes
+        self._skipping = False  # in a long line outside table data: skip to its end
+        self._table: str | None = None  # inside LOCK TABLES `t` ... UNLOCK TABLES
+        self._head: re.Pattern[bytes] | None = None
+        self._in_values = False
+        self._in_string = False
+        self._opens = 0
+        self._closes = 0
+        self._created = 0
+
+    def feed(self, data: bytes) -> None:
+        if self.problem is not None:
+            return
+        try:
+            self._feed(self._pending + data if self._pending else data)
+        except Exception as exc:  # pragma: no cover - a bug here must cost the counts, not the backup
+            self._fail(f"unexpected {type(exc).__name__}: {exc}")
+
+    def result(self) -> dict[str, int] | None:
+        if self.problem is None and self._pending and not self._pending.strip():
+            self._pending = b""
+        if self.problem is None and (self._table is not None or self._in_values or self._pending):
+            self._fail("the dump ends inside the data of a table")
+        if self.problem is None and self._created and not self.tables:
+            self._fail("the dump has tables but no LOCK TABLES brackets around their data")
+        return None if self.problem is not None else dict(self.tables)
+
+    def _fail(self, problem: str) -> None:
+        self.problem = problem
+        self._pending = b""
+
+    def _feed(self, buf: bytes) -> None:
+        self._pending = b""
+        pos, end = 0, len(buf)
+        while pos < end and self.problem is None:
+            if self._in_values:
+                pos = self._values(buf, pos)
+                continue
+            newline = buf.find(b"\n", pos)
+            if self._skipping:
+                if newline < 0:
+                    return
+                self._skipping = False
+                pos = newline + 1
+                continue
+            head_end = min(end if newline < 0 else newline, pos + _HEAD_CAP)
+            if self._head is not None and (match := self._head.match(buf, pos, head_end)):
+                pos = match.end()
+                self._in_values, self._in_string = True, False
+                self._opens = self._closes = 0
+                continue
+            if newline < 0:
+                if end - pos < _HEAD_CAP:
+                    self._pending = buf[pos:]  # wait for the rest of the line
+                    return
+                newline = end  # a long line: judged by its head, the rest skipped
+                self._skipping = True
+            self._line(buf[pos : min(newline, pos + _HEAD_CAP)])
+            pos = newline + 1
+
+    def _line(self, line: bytes) -> None:
+        if self._table is None:
+            if match := _LOCK_LINE.fullmatch(line):
+                name = match.group(1)
+                self._table = name.replace(b"``", b"`").decode("utf-8", "replace")
+                self.tables[self._table] = 0
+                self._head = _insert_head(name)
+            elif line.startswith(b"CREATE TABLE `"):
+                self._created += 1
+            return
+        if line == b"UNLOCK TABLES;":
+            self._table, self._head = None, None
+        elif line and not line.startswith(b"/*!40000 ALTER TABLE "):
+            self._fail(f"unexpected statement in the data of table {self._table}: {line[:60]!r}")
+
+    def _values(self, buf: bytes, pos: int) -> int:
+        """Consume an INSERT's values from `pos`; return where line-by-line reading resumes."""
+        stop = buf.find(_STATEMENT_END, pos)
+        body_end = len(buf) - (len(_STATEMENT_END) - 1) if stop < 0 else stop + 1
+        body = buf[pos:body_end]
+        if stop < 0:
+            # an odd run of backslashes at the end: the last one escapes the next piece's first byte
+            if (len(body) - len(body.rstrip(b"\\"))) % 2:
+                body, body_end = body[:-1], body_end - 1
+            self._pending = buf[max(body_end, pos) :]
+        self._scan(body)
+        if stop < 0:
+            return len(buf)
+        assert self._table is not None
+        if self._in_string or self._opens != self._closes or not self._opens:
+            self._fail(f"cannot follow the rows of table {self._table}")
+        self.tables[self._table] += self._opens
+        self._in_values = False
+        return stop + 2  # at the newline: the next line starts after it
+
+    def _scan(self, body: bytes) -> None:
+        parts = body.replace(b"\\\\", b"").replace(b"\\'", b"").split(b"'")
+        outside = b"".join(parts[1::2] if self._in_string else parts[0::2])
+        self._opens += outside.count(b"(")
+        self._closes += outside.count(b")")
+        if len(parts) % 2 == 0:  # an odd number of quotes: the string state flips
+            self._in_string = not self._in_string
+
+
+class _CountingChunks:
+    """The dump's chunks, each counted in a worker thread while the pipeline handles it."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], counts: TableCounts) -> None:
+        self._chunks = chunks
+        self._counts = counts
+        self._counter = DumpRowCounter()
+        self._counting: asyncio.Future[None] | None = None
+
+    def __aiter__(self) -> _CountingChunks:
+        return self
+
+    async def _settle(self) -> None:
+        if self._counting is not None:
+            counting, self._counting = self._counting, None
+            await counting
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            await self._settle()
+            self._counts.tables = self._counter.result()
+            if self._counts.tables is None:
+                log.warning("row counts are not recorded", reason=self._counter.problem)
+            raise
+        await self._settle()
+        self._counting = asyncio.ensure_future(asyncio.to_thread(self._counter.feed, chunk))
+        return chunk
+
+    async def close(self) -> None:
+        if self._counting is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self._counting)
+
+
+# engines whose rows mysqldump does not dump (they live elsewhere): no count on either side
+_DATA_ELSEWHERE = ("MRG_MyISAM", "MRG_MYISAM", "FEDERATED", "CONNECT", "SPIDER")
+_COUNT_BATCH = 50
+
+
+async def _count_tables(db: Any, schema: str) -> dict[str, int]:
+    placeholders = ", ".join(["%s"] * len(_DATA_ELSEWHERE))
+    names = [
+        str(name)
+        for (name,) in await _rows(
+            db,
+            "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s "  # noqa: S608 - only %s
+            "AND TABLE_TYPE IN ('BASE TABLE', 'SYSTEM VERSIONED') "
+            f"AND COALESCE(ENGINE, '') NOT IN ({placeholders}) ORDER BY TABLE_NAME",
+            (schema, *_DATA_ELSEWHERE),
+        )
+    ]
+    counts: dict[str, int] = {}
+    for start in range(0, len(names), _COUNT_BATCH):
+        batch = names[start : start + _COUNT_BATCH]
+        sql = " UNION ALL ".join(
+            f"SELECT {i}, COUNT(*) FROM {_ident(schema)}.{_ident(name)}"  # noqa: S608 - quoted names
+            for i, name in enumerate(batch)
+        )
+        for index, rows in await _rows(db, sql):
+            counts[batch[int(index)]] = int(rows)
+    return counts
+
+
 # ------------------------------------------------------------------ the engine
 
 
@@ -719,11 +924,15 @@ class MySQLEngine:
             f"--database={database}",
         ]
 
-    def dump(self, conn: Connection) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        return self._dump(conn)
+    def dump(
+        self, conn: Connection, counts: TableCounts | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._dump(conn, counts)
 
     @asynccontextmanager
-    async def _dump(self, conn: Connection) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def _dump(
+        self, conn: Connection, counts: TableCounts | None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
         settings = parse_settings(conn.settings)
         database = _require_database(settings)
         tool = await find_mysql_tool("mariadb-dump", "mysqldump")
@@ -740,7 +949,14 @@ class MySQLEngine:
                 explain=_explain_tool_failure(Path(tool.path).name, settings),
                 secrets=list(conn.secrets.values()),
             ) as chunks:
-                yield chunks
+                if counts is None:
+                    yield chunks
+                    return
+                counting = _CountingChunks(chunks, counts)
+                try:
+                    yield counting
+                finally:
+                    await counting.close()
 
     async def restore(self, conn: Connection, chunks: AsyncIterator[bytes]) -> int:
         """Load the dump into a fresh scratch database; only if all of it loaded, swap it in.
@@ -794,3 +1010,64 @@ class MySQLEngine:
                 await swap
             raise
         return fed
+
+    # ------------------------------------------------------------ scratch databases (test restores)
+
+    async def create_scratch(self, conn: Connection, name: str) -> Connection:
+        settings = parse_settings(conn.settings)
+        async with _session(settings, conn, None) as db:
+            charset, collation = "utf8mb4", None
+            if settings.database:  # the source's defaults, so the dump loads as it would there
+                found = await _rows(
+                    db,
+                    "SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME "
+                    "FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
+                    (settings.database,),
+                )
+                if found and all(_CHARSET_NAME.fullmatch(value) for value in found[0]):
+                    charset, collation = found[0]
+            spec = f"CHARACTER SET {charset}" + (f" COLLATE {collation}" if collation else "")
+            try:
+                await db.query(f"CREATE DATABASE {_ident(name)} {spec}")
+            except aiomysql.Error as exc:
+                code = exc.args[0] if exc.args else 0
+                raise EngineError(
+                    "auth_failed" if code in (1044, 1227) else "error",
+                    f"cannot create the scratch database {name} on {settings.address}: {exc.args[-1]}; "
+                    f"the user needs CREATE and DROP on databases named {SCRATCH_PREFIX}%",
+                ) from None
+        return Connection(settings={**conn.settings, "database": name}, secrets=conn.secrets)
+
+    async def drop_scratch(self, conn: Connection, name: str) -> None:
+        settings = parse_settings(conn.settings)
+        try:
+            async with _session(settings, conn, None) as db:
+                await db.query("SET SESSION foreign_key_checks = 0")
+                await _kill_sessions_in(db, name)
+                await db.query(f"DROP DATABASE IF EXISTS {_ident(name)}")
+        except aiomysql.Error as exc:
+            raise EngineError(
+                "error", f"cannot drop the scratch database {name} on {settings.address}: {exc.args[-1]}"
+            ) from None
+
+    async def list_scratch(self, conn: Connection, prefix: str) -> list[str]:
+        settings = parse_settings(conn.settings)
+        pattern = prefix.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%") + "%"
+        async with _session(settings, conn, None) as db:
+            rows = await _rows(
+                db,
+                "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE %s ORDER BY 1",
+                (pattern,),
+            )
+        return [str(name) for (name,) in rows]
+
+    async def count_rows(self, conn: Connection) -> dict[str, int]:
+        settings = parse_settings(conn.settings)
+        database = _require_database(settings)
+        async with _session(settings, conn, database) as db:
+            return await _count_tables(db, database)
+
+    async def check_restored(self, conn: Connection) -> list[str]:
+        # the load itself rebuilt every index and unique key; foreign keys are not re-checked (the
+        # dump turns FOREIGN_KEY_CHECKS off) because that means joining every pair of tables
+        return []

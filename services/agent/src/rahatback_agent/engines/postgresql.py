@@ -1,11 +1,14 @@
 """PostgreSQL: asyncpg for the connection test, plain-format pg_dump for backups, psql for restores.
 
 Why plain SQL, the exact flags and how a restore stays all-or-nothing: docs/postgresql-dumps.md.
+Row counts for the manifest come from the dump's own snapshot (`pg_export_snapshot()` +
+`pg_dump --snapshot`), scratch databases of test restores: docs/verification.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import os
@@ -18,12 +21,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rahatback_agent.engines.base import Connection, EngineError, ToolAction, ToolProblem
+from rahatback_agent.engines.base import Connection, EngineError, TableCounts, ToolAction, ToolProblem
 from rahatback_agent.engines.process import ExplainFailure, feed_stdin, stream_stdout
 
 __all__ = ["PostgreSQLEngine", "PostgreSQLSettings", "find_pg_tool", "pg_major", "pg_tool_problem"]
+
+log = structlog.get_logger("rahatback_agent.engines.postgresql")
 
 CONNECT_TIMEOUT_S = 10
 _PG_ROOT = Path("/usr/lib/postgresql")
@@ -157,6 +163,131 @@ def _explain_tool_failure(tool: str, settings: PostgreSQLSettings) -> ExplainFai
         return EngineError("tool_failed", f"{tool} exited with status {status}: {tail}")
 
     return explain
+
+
+# The tables whose rows pg_dump writes as data, named as SQL would (`public."Orders"`): ordinary and
+# unlogged tables (partitions included, partitioned parents have no rows of their own) outside the
+# system schemas (`pg_*` is reserved), minus extension members, whose rows their extension makes.
+_TABLES_SQL = r"""
+SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r' AND c.relpersistence IN ('p', 'u')
+  AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+  AND NOT EXISTS (
+    SELECT 1 FROM pg_catalog.pg_depend d
+    WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'
+  )
+ORDER BY 1
+"""
+_COUNT_BATCH = 50
+
+
+async def count_tables(db: Any) -> dict[str, int]:
+    """Rows per table in what `db` (an asyncpg connection) sees: its transaction's snapshot, if any."""
+    names = [str(row[0]) for row in await db.fetch(_TABLES_SQL)]
+    counts: dict[str, int] = {}
+    for start in range(0, len(names), _COUNT_BATCH):
+        batch = names[start : start + _COUNT_BATCH]
+        # the names are the server's own quote_ident() output, so they are safe to splice in
+        sql = " UNION ALL ".join(
+            f"SELECT {i}, count(*) FROM {name}"  # noqa: S608
+            for i, name in enumerate(batch)
+        )
+        for index, rows in await db.fetch(sql):
+            counts[batch[index]] = int(rows)
+    return counts
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class _SnapshotCounts:
+    """Counts rows in a transaction whose snapshot pg_dump imports (`--snapshot`): both see exactly
+    the same data, however busy the database is.
+
+    The exporting transaction must stay open until pg_dump has imported the snapshot, which it does
+    right after connecting, before it writes a byte: the transaction ends once the counts are done
+    and the dump's first chunk (or its end) has arrived.
+    """
+
+    def __init__(self, db: Any, snapshot_id: str) -> None:
+        self.snapshot_id = snapshot_id
+        self._db = db
+        self.dump_started = asyncio.Event()
+        self._task = asyncio.create_task(self._count(), name="pg-snapshot-counts")
+
+    @classmethod
+    async def start(
+        cls, engine: PostgreSQLEngine, settings: PostgreSQLSettings, conn: Connection, database: str
+    ) -> _SnapshotCounts | None:
+        db = await engine._connect(settings, conn, database)
+        try:
+            await db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            # as pg_dump does: every row or an error, never a silently filtered count; and the wait
+            # for pg_dump's import must not be cut short by the server's idle timeout
+            await db.execute(
+                "SET LOCAL row_security = off; SET LOCAL statement_timeout = 0;"
+                " SET LOCAL idle_in_transaction_session_timeout = 0"
+            )
+            snapshot_id = str(await db.fetchval("SELECT pg_catalog.pg_export_snapshot()"))
+        except Exception as exc:
+            # e.g. a server too old, or a pooler in front of it: dump as before, without counts
+            log.warning("cannot export a snapshot: row counts are not recorded", reason=str(exc))
+            db.terminate()
+            return None
+        return cls(db, snapshot_id)
+
+    async def _count(self) -> dict[str, int]:
+        try:
+            return await count_tables(self._db)
+        finally:
+            await self.dump_started.wait()
+            with contextlib.suppress(Exception):
+                await self._db.close(timeout=5)
+
+    async def result(self) -> dict[str, int] | None:
+        """The counts, once the dump has ended normally (None if counting failed)."""
+        self.dump_started.set()
+        try:
+            return await asyncio.shield(self._task)
+        except Exception as exc:  # a count that failed must not fail a dump that worked
+            log.warning("counting rows failed: row counts are not recorded", reason=str(exc) or repr(exc))
+            return None
+
+    async def close(self) -> None:
+        self.dump_started.set()
+        if not self._task.done():
+            self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+        self._db.terminate()
+
+
+class _SnapshotChunks:
+    """pg_dump's chunks, telling the snapshot's transaction when pg_dump has started and waiting
+    for the counts before the iterator ends."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], snapshot: _SnapshotCounts, counts: TableCounts) -> None:
+        self._chunks = chunks
+        self._snapshot = snapshot
+        self._counts = counts
+
+    def __aiter__(self) -> _SnapshotChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            self._counts.tables = await self._snapshot.result()
+            raise
+        self._snapshot.dump_started.set()
+        return chunk
 
 
 class PostgreSQLEngine:
@@ -299,21 +430,35 @@ class PostgreSQLEngine:
             "--file=-",
         ]
 
-    def dump(self, conn: Connection) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        return self._dump(conn)
+    def dump(
+        self, conn: Connection, counts: TableCounts | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._dump(conn, counts)
 
     @asynccontextmanager
-    async def _dump(self, conn: Connection) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def _dump(
+        self, conn: Connection, counts: TableCounts | None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
         settings = parse_settings(conn.settings)
         database = self._require_database(settings)
         argv = await self.dump_argv(database)
-        async with stream_stdout(
-            argv,
-            env=self._tool_env(settings, conn, database),
-            explain=_explain_tool_failure("pg_dump", settings),
-            secrets=list(conn.secrets.values()),
-        ) as chunks:
-            yield chunks
+        snapshot = await _SnapshotCounts.start(self, settings, conn, database) if counts is not None else None
+        if snapshot is not None:
+            argv.append(f"--snapshot={snapshot.snapshot_id}")
+        try:
+            async with stream_stdout(
+                argv,
+                env=self._tool_env(settings, conn, database),
+                explain=_explain_tool_failure("pg_dump", settings),
+                secrets=list(conn.secrets.values()),
+            ) as chunks:
+                if snapshot is None or counts is None:
+                    yield chunks
+                else:
+                    yield _SnapshotChunks(chunks, snapshot, counts)
+        finally:
+            if snapshot is not None:
+                await snapshot.close()
 
     async def restore(self, conn: Connection, chunks: AsyncIterator[bytes]) -> int:
         settings = parse_settings(conn.settings)
@@ -325,3 +470,85 @@ class PostgreSQLEngine:
             explain=_explain_tool_failure("psql", settings),
             secrets=list(conn.secrets.values()),
         )
+
+    # ------------------------------------------------------------ scratch databases (test restores)
+
+    def _maintenance(self, settings: PostgreSQLSettings) -> str:
+        # CREATE/DROP DATABASE may run from any database: the configured one is the one the user
+        # surely may connect to (a session in it writes nothing to it)
+        return settings.database or "postgres"
+
+    async def create_scratch(self, conn: Connection, name: str) -> Connection:
+        settings = parse_settings(conn.settings)
+        db = await self._connect(settings, conn, self._maintenance(settings))
+        try:
+            # template0: nothing a DBA added to template1 can show up as a restored table; the
+            # source's encoding and locale, so the dump loads exactly as it would into the source
+            options = ""
+            if settings.database:
+                row = await db.fetchrow(
+                    "SELECT pg_catalog.pg_encoding_to_char(encoding), datcollate, datctype"
+                    " FROM pg_catalog.pg_database WHERE datname = $1",
+                    settings.database,
+                )
+                if row is not None:
+                    encoding, collate, ctype = (_literal(value) for value in row)
+                    options = f" ENCODING {encoding} LC_COLLATE {collate} LC_CTYPE {ctype}"
+            await db.execute(f"CREATE DATABASE {_ident(name)} TEMPLATE template0{options}")
+        except asyncpg.InsufficientPrivilegeError:
+            raise EngineError(
+                "auth_failed",
+                f'user "{settings.user}" may not create databases on {settings.address}: grant it '
+                "CREATEDB, or give test restores a scratch server",
+            ) from None
+        except asyncpg.PostgresError as exc:
+            raise EngineError(
+                "error", f"cannot create the scratch database {name} on {settings.address}: {exc.args[0]}"
+            ) from None
+        finally:
+            await db.close()
+        return Connection(settings={**conn.settings, "database": name}, secrets=conn.secrets)
+
+    async def drop_scratch(self, conn: Connection, name: str) -> None:
+        settings = parse_settings(conn.settings)
+        db = await self._connect(settings, conn, self._maintenance(settings))
+        try:
+            # a psql killed mid-restore may leave its session behind for a moment
+            await db.execute(
+                "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity"
+                " WHERE datname = $1 AND pid <> pg_catalog.pg_backend_pid()",
+                name,
+            )
+            force = " WITH (FORCE)" if db.get_server_version().major >= 13 else ""
+            await db.execute(f"DROP DATABASE IF EXISTS {_ident(name)}{force}")
+        except asyncpg.PostgresError as exc:
+            raise EngineError(
+                "error", f"cannot drop the scratch database {name} on {settings.address}: {exc.args[0]}"
+            ) from None
+        finally:
+            await db.close()
+
+    async def list_scratch(self, conn: Connection, prefix: str) -> list[str]:
+        settings = parse_settings(conn.settings)
+        db = await self._connect(settings, conn, self._maintenance(settings))
+        try:
+            pattern = prefix.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%") + "%"
+            rows = await db.fetch(
+                "SELECT datname FROM pg_catalog.pg_database WHERE datname LIKE $1 ORDER BY 1", pattern
+            )
+        finally:
+            await db.close()
+        return [str(row[0]) for row in rows]
+
+    async def count_rows(self, conn: Connection) -> dict[str, int]:
+        settings = parse_settings(conn.settings)
+        db = await self._connect(settings, conn, self._require_database(settings))
+        try:
+            return await count_tables(db)
+        finally:
+            await db.close()
+
+    async def check_restored(self, conn: Connection) -> list[str]:
+        # psql restored in one transaction with ON_ERROR_STOP: every constraint, unique index and
+        # foreign key of the dump was built and checked against the loaded rows already
+        return []

@@ -7,6 +7,10 @@ ahead of the consumer.
 
 A restore builds the database in a temporary file next to the target and only renames it over the
 target once every chunk has arrived and executed, so a failed restore leaves the target untouched.
+
+Row counts for the manifest are taken inside the dump's read transaction (the same snapshot); test
+restores build their scratch database in a private folder of the system's temp dir
+(docs/verification.md).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rahatback_agent.engines.base import Connection, EngineError, NoExternalTools
+from rahatback_agent.engines.base import Connection, EngineError, NoExternalTools, TableCounts
 from rahatback_agent.engines.process import CHUNK_SIZE
 
 __all__ = ["SQLiteEngine", "SQLiteSettings"]
@@ -146,7 +150,24 @@ class _ThreadChunks:
         await self._done
 
 
-def _dump_chunks(path: Path) -> Generator[bytes, None, None]:
+# the tables iterdump() writes rows of: ordinary tables (FTS and other virtual tables keep their
+# rows in ordinary shadow tables), not SQLite's own bookkeeping (sqlite_sequence, sqlite_stat1)
+_TABLES_SQL = (
+    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+    " AND sql NOT LIKE 'CREATE VIRTUAL TABLE%' ORDER BY name"
+)
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _count_tables(db: sqlite3.Connection) -> dict[str, int]:
+    names = [str(name) for (name,) in db.execute(_TABLES_SQL).fetchall()]
+    return {name: int(db.execute(f"SELECT count(*) FROM {_quote(name)}").fetchone()[0]) for name in names}  # noqa: S608
+
+
+def _dump_chunks(path: Path, counts: TableCounts | None = None) -> Generator[bytes, None, None]:
     db = _open_read_only(path)
     try:
         # one read transaction for the whole dump: every table comes from the same snapshot
@@ -161,6 +182,9 @@ def _dump_chunks(path: Path) -> Generator[bytes, None, None]:
             if size >= CHUNK_SIZE:
                 yield b"".join(pending)
                 pending, size = [], 0
+        if counts is not None:
+            # still inside the dump's read transaction: exactly the rows just dumped
+            counts.tables = _count_tables(db)
         if pending:
             yield b"".join(pending)
     finally:
@@ -278,13 +302,17 @@ class SQLiteEngine(NoExternalTools):
         await asyncio.to_thread(lambda: _open_read_only(path).close())
         return [str(path)]
 
-    def dump(self, conn: Connection) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        return self._dump(conn)
+    def dump(
+        self, conn: Connection, counts: TableCounts | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._dump(conn, counts)
 
     @asynccontextmanager
-    async def _dump(self, conn: Connection) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def _dump(
+        self, conn: Connection, counts: TableCounts | None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
         path = _parse_settings(conn.settings)
-        chunks = _ThreadChunks(lambda: _dump_chunks(path))
+        chunks = _ThreadChunks(lambda: _dump_chunks(path, counts))
         try:
             yield chunks
         finally:
@@ -326,6 +354,30 @@ class SQLiteEngine(NoExternalTools):
         finally:
             _discard(db, None if replaced else temp)
 
+    # ------------------------------------------------------------ scratch databases (test restores)
+
+    async def create_scratch(self, conn: Connection, name: str) -> Connection:
+        return Connection(settings={"path": str(await asyncio.to_thread(_create_scratch, name))})
+
+    async def drop_scratch(self, conn: Connection, name: str) -> None:
+        folder = _scratch_dir(name)
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+
+    async def list_scratch(self, conn: Connection, prefix: str) -> list[str]:
+        def names() -> list[str]:
+            try:
+                return sorted(p.name for p in scratch_root().iterdir() if p.name.startswith(prefix))
+            except OSError:
+                return []
+
+        return await asyncio.to_thread(names)
+
+    async def count_rows(self, conn: Connection) -> dict[str, int]:
+        return await asyncio.to_thread(_count_scratch, _parse_settings(conn.settings))
+
+    async def check_restored(self, conn: Connection) -> list[str]:
+        return await asyncio.to_thread(_quick_check, _parse_settings(conn.settings))
+
     @staticmethod
     def _finish(db: sqlite3.Connection, temp: Path, target: Path) -> None:
         db.execute("COMMIT")
@@ -342,6 +394,45 @@ class SQLiteEngine(NoExternalTools):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def scratch_root() -> Path:
+    """Where test restores build SQLite scratch databases: the system's temp dir (TMPDIR), never
+    next to the user's files."""
+    return Path(tempfile.gettempdir())
+
+
+def _scratch_dir(name: str) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise EngineError("bad_settings", f"invalid scratch database name {name!r}")
+    return scratch_root() / name
+
+
+def _create_scratch(name: str) -> Path:
+    folder = _scratch_dir(name)
+    shutil.rmtree(folder, ignore_errors=True)  # a leftover of this very verification
+    try:
+        folder.mkdir(mode=0o700)
+    except OSError as exc:
+        raise EngineError("error", f"cannot create the scratch folder {folder}: {exc.strerror}") from None
+    return folder / "scratch.sqlite"
+
+
+def _count_scratch(path: Path) -> dict[str, int]:
+    db = _open_read_only(path)
+    try:
+        return _count_tables(db)
+    finally:
+        db.close()
+
+
+def _quick_check(path: Path) -> list[str]:
+    db = _open_read_only(path)
+    try:
+        found = [str(row[0]) for row in db.execute("PRAGMA quick_check").fetchall()]
+    finally:
+        db.close()
+    return [] if found == ["ok"] else [f"SQLite quick_check: {problem}" for problem in found[:10]]
 
 
 def _discard(db: sqlite3.Connection | None, temp: Path | None) -> None:
