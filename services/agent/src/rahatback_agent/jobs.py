@@ -35,13 +35,16 @@ from rahatback_contracts.messages import (
     StorageTarget,
     StorageTestReply,
     StorageTestRequest,
+    VerifyCommand,
+    VerifyCompleted,
+    VerifyFailed,
     seal_info,
 )
 from rahatback_contracts.messages import Engine as EngineName
 
 from . import __version__, tools
 from .artifact import ArtifactError
-from .engines.base import Connection, Engine, EngineError
+from .engines.base import Connection, Engine, EngineError, TableCounts
 from .sealing import SealingError, open_job_key, open_optional
 from .storages.base import ArtifactWriter, Storage, StorageError
 from .storages.fanout import Copy, FanOutWriter
@@ -59,7 +62,7 @@ class ProgressState:
     """Latest counters of one running job; the supervisor turns them into throttled Progress messages.
     Written by pipeline callbacks (possibly from a worker thread): plain int stores only."""
 
-    kind: Literal["backup", "restore"]
+    kind: Literal["backup", "restore", "verify"]
     run_id: str
     stage: Stage = "queued"
     bytes_in: int = 0
@@ -210,7 +213,8 @@ async def run_backup(
                 for target in targets
             ]
             log.info("backup starting", storage_keys=[c.key for c in copies], engine=engine.name)
-            async with engine.dump(conn) as source:
+            counts = TableCounts()
+            async with engine.dump(conn, counts) as source:
                 writer = FanOutWriter(
                     [await c.open(secrets) for c, secrets in zip(copies, storage_secrets, strict=True)],
                     describe=lambda exc: _scrub(describe_error(exc), db_secrets, *storage_secrets),
@@ -247,6 +251,7 @@ async def run_backup(
                 agent_version=__version__,
                 created_at=finished_at,
                 database_name=cmd.database.name,
+                tables=counts.tables,
             )
             # written only once the artifact is committed: a manifest always describes a real artifact
             for copy, fanned in zip(copies, writer.copies, strict=True):
@@ -417,6 +422,18 @@ async def run_restore(
             return RestoreFailed(
                 agent_id=agent_id, occurred_at=_now(), restore_id=cmd.restore_id, stage=stage, error=error
             )
+
+
+# ---------------------------------------------------------------- verify
+
+
+async def run_verify(
+    cmd: VerifyCommand, *, agent_id: str, private_key: X25519PrivateKey, progress: ProgressState
+) -> VerifyCompleted | VerifyFailed:
+    """Integrity check or test restore of one backup copy: `verification.py`."""
+    from .verification import run_verify as verify
+
+    return await verify(cmd, agent_id=agent_id, private_key=private_key, progress=progress)
 
 
 # ---------------------------------------------------------------- rpc

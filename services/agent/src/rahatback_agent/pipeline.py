@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,6 +44,7 @@ __all__ = [
     "Manifest",
     "PipelineResult",
     "RestoreDecoder",
+    "StreamDigests",
     "artifact_extension",
     "manifest_key",
     "restore_stream",
@@ -94,6 +95,8 @@ class Manifest(BaseModel):
     artifact_sha256: str
     agent_version: str
     created_at: datetime
+    # rows per table in the dump's snapshot (docs/verification.md); None: the engine cannot count
+    tables: dict[str, int] | None = None
 
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2).encode()
@@ -523,6 +526,17 @@ class RestoreDecoder:
         return self._artifact_hash.hexdigest()
 
 
+@dataclass
+class StreamDigests:
+    """What a restore stream read, filled in once it has ended cleanly (verification compares these
+    with every checksum it knows instead of stopping at the first mismatch)."""
+
+    artifact_sha256: str | None = None
+    dump_sha256: str | None = None
+    artifact_size: int = 0
+    dump_size: int = 0
+
+
 class _End:
     pass
 
@@ -538,7 +552,8 @@ async def restore_stream(
     expected_artifact_sha256: str | None = None,
     expected_dump_sha256: str | None = None,
     on_progress: ProgressCallback | None = None,
-) -> AsyncIterator[bytes]:
+    digests: StreamDigests | None = None,
+) -> AsyncGenerator[bytes, None]:
     """Yield the plaintext dump of an artifact as it is authenticated and decompressed.
 
     Contract: every failure — a tampered or reordered chunk, a wrong key, a missing final chunk,
@@ -551,7 +566,8 @@ async def restore_stream(
 
     `job_key_lookup` is the 32-byte job key, or a function from the header's key id to it
     (raise KeyError if unknown); None means the artifact is not encrypted. The source is
-    closed (aclose) when the stream stops.
+    closed (aclose) when the stream stops. `digests`, if given, receives both SHA-256s and sizes
+    before the stream ends cleanly.
     """
     decoder = RestoreDecoder(
         compression=compression,
@@ -598,6 +614,11 @@ async def restore_stream(
                         pieces, pending = [], 0
                 await decode_into_queue(b"".join(pieces), True)
                 progress.bytes_in = decoder.artifact_size
+                if digests is not None:
+                    digests.artifact_sha256 = decoder.artifact_sha256
+                    digests.dump_sha256 = decoder.dump_sha256
+                    digests.artifact_size = decoder.artifact_size
+                    digests.dump_size = decoder.dump_size
             finally:
                 aclose = getattr(source, "aclose", None)
                 if aclose is not None:

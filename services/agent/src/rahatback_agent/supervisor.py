@@ -41,9 +41,13 @@ from rahatback_contracts.messages import (
     Stage,
     StorageTestReply,
     StorageTestRequest,
+    VerifyCommand,
+    VerifyCompleted,
+    VerifyFailed,
+    VerifyStarted,
 )
 
-from . import __version__, jobs, tools
+from . import __version__, jobs, tools, verification
 from .identity import AgentIdentity
 from .settings import AgentSettings
 
@@ -56,7 +60,8 @@ EXPIRED = "command expired before the agent picked it up"
 REPORT_GRACE_SECONDS = 30.0
 REPORT_RETRY_CAP_SECONDS = 15.0
 
-RunKind = Literal["backup", "restore"]
+RunKind = Literal["backup", "restore", "verify"]
+Command = BackupCommand | RestoreCommand | VerifyCommand
 
 
 @dataclass
@@ -108,6 +113,9 @@ class Supervisor:
 
     async def run(self, stop: asyncio.Event) -> None:
         await tools.detect_tools(refresh=True)  # for the heartbeat; runs and tests look again
+        # scratch databases on servers need credentials, which only commands carry: those are
+        # dropped at the next test restore on their server (docs/verification.md)
+        await verification.sweep_local_leftovers(self.agent_id)
         nc = await self._connect(stop)
         if nc is None:
             return
@@ -353,11 +361,13 @@ class Supervisor:
         if suffix == "prune.execute":
             await self._prune(msg)
             return
-        model: type[BackupCommand] | type[RestoreCommand] | type[CancelCommand]
+        model: type[BackupCommand] | type[RestoreCommand] | type[VerifyCommand] | type[CancelCommand]
         if suffix == "job.execute":
             model = BackupCommand
         elif suffix == "restore.execute":
             model = RestoreCommand
+        elif suffix == "verify.execute":
+            model = VerifyCommand
         elif suffix == "job.cancel":
             model = CancelCommand
         else:
@@ -378,8 +388,7 @@ class Supervisor:
             await msg.ack()
             return
 
-        run_id = command.run_id if isinstance(command, BackupCommand) else command.restore_id
-        kind: RunKind = "backup" if isinstance(command, BackupCommand) else "restore"
+        run_id, kind = self._identify(command)
         bound = self.log.bind(run_id=run_id, subject=msg.subject, command_id=command.command_id)
         if run_id in self._seen or run_id in self._running:
             bound.warning("command redelivered for a run this agent already started; not running it twice")
@@ -409,6 +418,8 @@ class Supervisor:
             started = BackupStarted(
                 agent_id=self.agent_id, occurred_at=_now(), run_id=run_id, agent_version=__version__
             )
+        elif isinstance(command, VerifyCommand):
+            started = VerifyStarted(agent_id=self.agent_id, occurred_at=_now(), verify_id=run_id)
         else:
             started = RestoreStarted(agent_id=self.agent_id, occurred_at=_now(), restore_id=run_id)
         if not await self._publish_report(kind, started, give_up=stop):
@@ -420,6 +431,14 @@ class Supervisor:
         await msg.ack()
         self._start(kind, run_id, command)
         bound.info("command started", kind=kind)
+
+    @staticmethod
+    def _identify(command: Command) -> tuple[str, RunKind]:
+        if isinstance(command, BackupCommand):
+            return command.run_id, "backup"
+        if isinstance(command, VerifyCommand):
+            return command.verify_id, "verify"
+        return command.restore_id, "restore"
 
     async def _prune(self, msg: Msg) -> None:
         """Retention deletes are short and idempotent: done inline, acked once the report is stored."""
@@ -454,11 +473,15 @@ class Supervisor:
                 await asyncio.wait_for(self._slot_freed.wait(), 1.0)
         return True
 
-    def _start(self, kind: RunKind, run_id: str, command: BackupCommand | RestoreCommand) -> None:
+    def _start(self, kind: RunKind, run_id: str, command: Command) -> None:
         progress = jobs.ProgressState(kind=kind, run_id=run_id)
         coro: Awaitable[Report]
         if isinstance(command, BackupCommand):
             coro = jobs.run_backup(
+                command, agent_id=self.agent_id, private_key=self._private_key, progress=progress
+            )
+        elif isinstance(command, VerifyCommand):
+            coro = jobs.run_verify(
                 command, agent_id=self.agent_id, private_key=self._private_key, progress=progress
             )
         else:
@@ -509,6 +532,10 @@ class Supervisor:
             return BackupFailed(
                 agent_id=self.agent_id, occurred_at=_now(), run_id=run_id, stage=stage, error=error
             )
+        if kind == "verify":
+            return VerifyFailed(
+                agent_id=self.agent_id, occurred_at=_now(), verify_id=run_id, stage=stage, error=error
+            )
         return RestoreFailed(
             agent_id=self.agent_id, occurred_at=_now(), restore_id=run_id, stage=stage, error=error
         )
@@ -537,9 +564,9 @@ class Supervisor:
         """Store a report in AGENT_REPORTS, retrying with the same Nats-Msg-Id until it is: the API may
         be down or JetStream briefly unavailable, and a lost `completed` would be a lost backup."""
         assert self._js is not None
-        if isinstance(report, BackupStarted | RestoreStarted):
+        if isinstance(report, BackupStarted | RestoreStarted | VerifyStarted):
             outcome: Literal["started", "completed", "failed"] = "started"
-        elif isinstance(report, BackupCompleted | RestoreCompleted | PruneCompleted):
+        elif isinstance(report, BackupCompleted | RestoreCompleted | PruneCompleted | VerifyCompleted):
             outcome = "completed"
         else:
             outcome = "failed"
@@ -547,6 +574,8 @@ class Supervisor:
             run_id = report.run_id
         elif isinstance(report, RestoreStarted | RestoreCompleted | RestoreFailed):
             run_id = report.restore_id
+        elif isinstance(report, VerifyStarted | VerifyCompleted | VerifyFailed):
+            run_id = report.verify_id
         elif isinstance(report, PruneCompleted | PruneFailed):
             run_id = report.prune_id
         else:
