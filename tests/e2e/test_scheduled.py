@@ -168,3 +168,72 @@ def test_an_event_committed_while_the_notifier_is_down_is_emailed_exactly_once(
     wait_until("the email after the notifier came back", lambda: emails_about(smtp, run["id"]), stack)
     time.sleep(3)  # a redelivery would show up here
     assert len(emails_about(smtp, run["id"])) == 1
+
+
+def test_a_scheduled_verification_runs_by_itself_and_a_corrupt_backup_is_reported(
+    stack: Client, smtp: SmtpServer, tmp_path: Path
+) -> None:
+    source, folder = tmp_path / "ledger.db", tmp_path / "backups"
+    make_source(source)
+    folder.mkdir()
+    agent = stack.ok("GET", "/v1/agents")[0]
+    db = stack.ok(
+        "POST",
+        "/v1/databases",
+        {"name": "ledger", "engine": "sqlite", "agent_id": agent["id"], "settings": {"path": str(source)}},
+    )
+    storage = stack.ok(
+        "POST",
+        "/v1/storages",
+        {"name": "ledger-disk", "kind": "local", "agent_id": agent["id"], "settings": {"path": str(folder)}},
+    )
+    job = stack.ok(
+        "POST",
+        "/v1/backups/jobs",
+        {"name": "ledger-verified", "database_id": db["id"], "storage_id": storage["id"]},
+    )
+    stack.ok(
+        "POST",
+        "/v1/notifications/channels",
+        {"name": "auditors", "kind": "email", "recipients": ["audit@example.com"], "job_ids": [job["id"]]},
+    )
+    run = stack.ok("POST", f"/v1/backups/jobs/{job['id']}/run")
+    run = wait_until(
+        "the backup",
+        lambda: (r := stack.ok("GET", f"/v1/backups/history/{run['id']}"))["status"] == "completed" and r,
+        stack,
+    )
+    # a test restore every 15 seconds, by the scheduler alone
+    stack.ok(
+        "PATCH",
+        f"/v1/backups/jobs/{job['id']}",
+        {"verify_cron": "* * * * * */15", "verify_level": "test_restore"},
+    )
+
+    def verified(status: str) -> list[dict[str, Any]]:
+        items = stack.ok("GET", f"/v1/backups/verifications?job_id={job['id']}")["items"]
+        return [v for v in items if v["trigger"] == "schedule" and v["status"] == status]
+
+    passed = wait_until("a scheduled verification that passes", lambda: verified("completed"), stack)
+    assert passed[0]["backup_run_id"] == run["id"] and passed[0]["tables_compared"] >= 1
+    assert passed[0]["mismatches"] == []
+    shown = stack.ok("GET", f"/v1/backups/jobs/{job['id']}")
+    assert shown["last_verify_ok_at"] is not None
+
+    # a flipped bit in the stored artifact: the next scheduled verification fails and says so
+    artifact = folder / run["storage_key"]
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    artifact.write_bytes(bytes(data))
+    failed = wait_until("a scheduled verification that fails", lambda: verified("failed"), stack)
+    stack.ok("PATCH", f"/v1/backups/jobs/{job['id']}", {"verify_cron": None})
+    assert failed[0]["error"]
+    assert stack.ok("GET", f"/v1/backups/jobs/{job['id']}")["last_verify_status"] == "failed"
+    mails = wait_until(
+        "the verification failure email",
+        lambda: [m for m in smtp.messages if "Verification FAILED" in str(m.message["Subject"])],
+        stack,
+    )
+    assert mails[0].rcpt_tos == ["audit@example.com"] and "ledger-verified" in str(
+        mails[0].message["Subject"]
+    )

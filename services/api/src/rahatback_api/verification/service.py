@@ -23,6 +23,13 @@ from rahatback_api.security.secretbox import SecretBox
 log = structlog.get_logger(__name__)
 
 
+async def active_verify_of(session: AsyncSession, backup_run_id: str) -> str | None:
+    query = select(VerifyRun.id).where(
+        VerifyRun.backup_run_id == backup_run_id, col(VerifyRun.status).in_(("queued", "running"))
+    )
+    return (await session.execute(query)).scalars().first()
+
+
 async def start_verify(
     session: AsyncSession,
     box: SecretBox,
@@ -33,13 +40,7 @@ async def start_verify(
     storage_id: str | None = None,
     trigger: str = "manual",
 ) -> VerifyRun:
-    busy = (
-        await session.execute(
-            select(VerifyRun.id).where(
-                VerifyRun.backup_run_id == run.id, col(VerifyRun.status).in_(("queued", "running"))
-            )
-        )
-    ).scalar()
+    busy = await active_verify_of(session, run.id)
     if busy is not None:
         raise Conflict(f"backup run {run.id} is already being verified (verification {busy})")
     copy = await operations.restorable_copy(session, run, storage_id)
@@ -167,6 +168,9 @@ async def handle_verify_requested(
         log.info("verify.schedule_ignored", job_id=request.job_id)
         return None
     run = await latest_verifiable_run(session, job.id)
+    if run is not None and (busy := await active_verify_of(session, run.id)) is not None:
+        log.info("verify.schedule_skipped", job_id=job.id, running=busy)  # the next fire tries again
+        return None
     if run is None:
         job.last_verify_status, job.last_verified_at = "skipped", utcnow()
         log.warning("verify.nothing_to_verify", job_id=job.id)
