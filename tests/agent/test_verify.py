@@ -17,7 +17,12 @@ import json
 import os
 import re
 import secrets
+import signal
+import socket
 import sqlite3
+import stat
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,9 +35,14 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from rahatback_agent import jobs, verification
+from rahatback_agent.engines.base import Connection, ScratchDatabases
 from rahatback_agent.engines.mysql import DumpRowCounter
-from rahatback_agent.identity import generate_private_key, public_key_b64
+from rahatback_agent.engines.registry import get_engine
+from rahatback_agent.identity import generate_private_key, public_key_b64, save_identity
 from rahatback_agent.pipeline import Manifest, restore_stream
+from rahatback_agent.scratch_registry import ScratchEntry, ScratchRegistry
+from rahatback_agent.settings import AgentSettings
+from rahatback_agent.supervisor import Supervisor
 from rahatback_contracts import streams, subjects
 from rahatback_contracts.messages import (
     BackupCommand,
@@ -49,7 +59,7 @@ from rahatback_contracts.messages import (
 )
 from rahatback_contracts.sealing import seal
 
-from tests.agent.conftest import AgentHarness, running_agent
+from tests.agent.conftest import AgentHarness, create_agent_consumer, make_identity, running_agent
 from tests.servers import MariaDBServer, MotoServer, NatsServer, PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -938,3 +948,219 @@ async def test_verify_through_the_supervisor_with_progress_cancel_and_reports(
         ("completed", f"{second.verify_id}:completed"),
     ]
     assert pg_scratch(postgres) == []
+
+
+# ------------------------------------------------------------------ a killed agent's scratch databases
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def assert_private_and_sealed(registry: ScratchRegistry, *passwords: str) -> None:
+    assert stat.S_IMODE(registry.path.stat().st_mode) == 0o600
+    text = registry.path.read_text()
+    for password in passwords:
+        assert password not in text, "a plaintext password in the scratch registry"
+
+
+async def leave_scratch(
+    registry: ScratchRegistry, target: DatabaseTarget, verify_id: str, agent_id: str, password: str
+) -> str:
+    """What a test restore does before it is killed: record the scratch database, then create it."""
+    name = verification.scratch_name(agent_id, verify_id)
+    await registry.add(
+        ScratchEntry(verify_id=verify_id, scratch=name, engine=target.engine, server=target, created_at=now())
+    )
+    engine = get_engine(target.engine)
+    assert isinstance(engine, ScratchDatabases)
+    await engine.create_scratch(Connection(dict(target.settings), {"password": password}), name)
+    return name
+
+
+def pg_server(pg: PostgresServer, public: str = PUBLIC, port: int | None = None) -> TargetFactory:
+    """The server only (`database` = the maintenance database), on another port if given."""
+
+    def make(info: str) -> DatabaseTarget:
+        target = pg_target(pg, "postgres", public)(info)
+        return target.model_copy(update={"settings": {**target.settings, "port": port or pg.port}})
+
+    return make
+
+
+async def test_the_scratch_registry_holds_a_test_restore_only_while_its_scratch_database_exists(
+    postgres: PostgresServer, pg_source: str, tmp_path: Path
+) -> None:
+    registry = ScratchRegistry.beside(tmp_path / "agent.json")
+    assert registry.path == tmp_path / "agent.scratch.json"
+    done = await backup(pg_target(postgres, pg_source), tmp_path)
+    command = verify_command(done, local(tmp_path), "test_restore", database=pg_target(postgres, pg_source))
+    seen: list[list[ScratchEntry]] = []
+    progress = jobs.ProgressState(kind="verify", run_id=command.verify_id)
+    task = asyncio.create_task(
+        jobs.run_verify(command, agent_id=AGENT, private_key=KEY, progress=progress, registry=registry)
+    )
+    while not task.done():
+        if verification.scratch_name(AGENT, command.verify_id) in pg_scratch(postgres):
+            seen.append(registry.load())
+        await asyncio.sleep(0.02)
+    report = task.result()
+    assert isinstance(report, VerifyCompleted) and report.ok, report
+    # whenever the scratch database existed, the registry named it, with the server as received
+    assert seen, "the scratch database was never seen: the test proves nothing"
+    for entries in seen:
+        assert [(e.verify_id, e.engine, e.server) for e in entries] == [
+            (command.verify_id, "postgresql", command.database)
+        ]
+    assert registry.load() == []
+    assert_private_and_sealed(registry, postgres.password)
+
+
+async def test_start_up_drops_registered_leftovers_and_keeps_what_it_cannot_reach(
+    postgres: PostgresServer, mariadb: MariaDBServer, tmp_path: Path
+) -> None:
+    registry = ScratchRegistry.beside(tmp_path / "agent.json")
+    left: list[str] = []
+    for target, password in (
+        (pg_server(postgres), postgres.password),
+        (maria_target(mariadb, "mysql"), mariadb.password),
+    ):
+        verify_id = uuid.uuid4().hex
+        left.append(
+            await leave_scratch(registry, target(seal_info("verify", verify_id)), verify_id, AGENT, password)
+        )
+    unreachable_id = uuid.uuid4().hex
+    unreachable = pg_server(postgres, port=closed_port())(seal_info("verify", unreachable_id))
+    await registry.add(
+        ScratchEntry(
+            verify_id=unreachable_id,
+            scratch=verification.scratch_name(AGENT, unreachable_id),
+            engine="postgresql",
+            server=unreachable,
+            created_at=now(),
+        )
+    )
+    assert left[0] in pg_scratch(postgres) and left[1] in maria_scratch(mariadb)
+    assert_private_and_sealed(registry, postgres.password, mariadb.password)
+
+    await verification.drop_registered_leftovers(
+        registry, agent_id=AGENT, private_key=KEY, timeout_seconds=10
+    )
+
+    assert pg_scratch(postgres) == [] and maria_scratch(mariadb) == []
+    assert [entry.verify_id for entry in registry.load()] == [unreachable_id]
+    # run again: still there, still nothing dropped that is not this agent's
+    await verification.drop_registered_leftovers(
+        registry, agent_id=AGENT, private_key=KEY, timeout_seconds=10
+    )
+    assert [entry.verify_id for entry in registry.load()] == [unreachable_id]
+
+
+async def test_a_killed_agent_drops_its_scratch_database_at_its_next_start(
+    nats_server: NatsServer, api_nc: NATS, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """SIGKILL mid test-restore: the scratch database and its registry entry stay; the next start
+    drops it in the background, while a server that never answers neither blocks start-up nor loses
+    its entry."""
+    identity = make_identity(nats_server.url)
+    await create_agent_consumer(api_nc.jetstream(), identity.agent_id)
+    config = tmp_path / "agent.json"
+    save_identity(identity, config)
+    registry = ScratchRegistry.beside(config)
+    db = pg_new_db(
+        postgres,
+        "CREATE TABLE bulk AS SELECT g, repeat(md5(g::text), 6) AS pad FROM generate_series(1, 300000) g",
+    )
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    done = await backup(pg_target(postgres, db), storage, encrypted=False)
+    command = verify_command(
+        done,
+        local(storage),
+        "test_restore",
+        database=pg_target(postgres, db, identity.public_key_b64),
+        key=None,
+        # redelivered after the ack wait, it is expired by then and creates nothing
+        expires_at=now() + timedelta(seconds=20),
+    )
+    scratch = verification.scratch_name(identity.agent_id, command.verify_id)
+
+    agent_bin = Path(sys.executable).parent / "rahatback-agent"
+    proc = await asyncio.create_subprocess_exec(
+        str(agent_bin),
+        "run",
+        "--config",
+        str(config),
+        env={**os.environ, "RAHATBACK_AGENT_FETCH_TIMEOUT_SECONDS": "0.5"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await api_nc.jetstream().publish(
+            subjects.agent_command(identity.agent_id, "verify.execute"), command.to_bytes()
+        )
+        for _ in range(600):
+            if scratch in pg_scratch(postgres):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the agent never created the scratch database")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    assert scratch in pg_scratch(postgres)
+    assert [(e.scratch, e.server) for e in registry.load()] == [(scratch, command.database)]
+    assert_private_and_sealed(registry, postgres.password)
+
+    # a server that accepts connections and never answers
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+    silent_port = silent.sockets[0].getsockname()[1]
+    silent_id = uuid.uuid4().hex
+    await registry.add(
+        ScratchEntry(
+            verify_id=silent_id,
+            scratch=verification.scratch_name(identity.agent_id, silent_id),
+            engine="postgresql",
+            server=pg_server(postgres, identity.public_key_b64, silent_port)(seal_info("verify", silent_id)),
+            created_at=now(),
+        )
+    )
+
+    beats = asyncio.Event()
+
+    async def on_beat(msg: Msg) -> None:
+        beats.set()
+
+    sub = await api_nc.subscribe(subjects.agent_heartbeat(identity.agent_id), cb=on_beat)
+    stop = asyncio.Event()
+    settings = AgentSettings(
+        config=config, heartbeat_seconds=0.5, fetch_timeout_seconds=0.5, scratch_cleanup_timeout_seconds=600
+    )
+    task = asyncio.create_task(Supervisor(identity, settings).run(stop))
+    try:
+        await asyncio.wait_for(beats.wait(), 20)  # online while the silent server still holds its drop
+        for _ in range(600):
+            if scratch not in pg_scratch(postgres) and len(registry.load()) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert pg_scratch(postgres) == []
+        assert [entry.verify_id for entry in registry.load()] == [silent_id]
+        assert held, "the start-up cleanup never tried the silent server"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await sub.unsubscribe()
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+    # stopped mid-drop: the entry is kept for the next start
+    assert [entry.verify_id for entry in registry.load()] == [silent_id]

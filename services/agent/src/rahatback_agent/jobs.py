@@ -45,6 +45,7 @@ from rahatback_contracts.messages import Engine as EngineName
 from . import __version__, tools
 from .artifact import ArtifactError
 from .engines.base import Connection, Engine, EngineError, TableCounts
+from .scratch_registry import ScratchRegistry
 from .sealing import SealingError, open_job_key, open_optional
 from .storages.base import ArtifactWriter, Storage, StorageError
 from .storages.fanout import Copy, FanOutWriter
@@ -428,12 +429,17 @@ async def run_restore(
 
 
 async def run_verify(
-    cmd: VerifyCommand, *, agent_id: str, private_key: X25519PrivateKey, progress: ProgressState
+    cmd: VerifyCommand,
+    *,
+    agent_id: str,
+    private_key: X25519PrivateKey,
+    progress: ProgressState,
+    registry: ScratchRegistry | None = None,
 ) -> VerifyCompleted | VerifyFailed:
     """Integrity check or test restore of one backup copy: `verification.py`."""
     from .verification import run_verify as verify
 
-    return await verify(cmd, agent_id=agent_id, private_key=private_key, progress=progress)
+    return await verify(cmd, agent_id=agent_id, private_key=private_key, progress=progress, registry=registry)
 
 
 # ---------------------------------------------------------------- rpc

@@ -36,3 +36,6 @@ class AgentSettings(BaseSettings):
     fetch_timeout_seconds: float = Field(default=2.0, gt=0)
     # a core progress message at most this often per run
     progress_interval_seconds: float = Field(default=1.0, gt=0)
+    # at start-up, how long dropping one scratch database left by a killed agent may take before
+    # it is left for the next start (docs/verification.md)
+    scratch_cleanup_timeout_seconds: float = Field(default=30.0, gt=0)

@@ -49,6 +49,7 @@ from rahatback_contracts.messages import (
 
 from . import __version__, jobs, tools, verification
 from .identity import AgentIdentity
+from .scratch_registry import ScratchRegistry
 from .settings import AgentSettings
 
 log = structlog.get_logger("rahatback_agent.supervisor")
@@ -103,6 +104,7 @@ class Supervisor:
         self._closing = asyncio.Event()  # set once jobs are done: stops heartbeat and progress
         self._engines = jobs.supported_engines()
         self._storages = jobs.supported_storages()
+        self._scratch_registry = ScratchRegistry.beside(settings.config)
         self.log = log.bind(agent_id=self.agent_id)
 
     @property
@@ -113,9 +115,27 @@ class Supervisor:
 
     async def run(self, stop: asyncio.Event) -> None:
         await tools.detect_tools(refresh=True)  # for the heartbeat; runs and tests look again
-        # scratch databases on servers need credentials, which only commands carry: those are
-        # dropped at the next test restore on their server (docs/verification.md)
+        # leftovers of a killed agent (docs/verification.md): SQLite's need no credentials; those on
+        # servers are in the scratch registry with their secrets still sealed to this agent, and
+        # are dropped in the background so that an unreachable server never delays start-up
         await verification.sweep_local_leftovers(self.agent_id)
+        cleanup = asyncio.create_task(
+            verification.drop_registered_leftovers(
+                self._scratch_registry,
+                agent_id=self.agent_id,
+                private_key=self._private_key,
+                timeout_seconds=self.settings.scratch_cleanup_timeout_seconds,
+            ),
+            name="scratch-cleanup",
+        )
+        try:
+            await self._run_connected(stop)
+        finally:
+            if not cleanup.done():  # its entries stay on disk for the next start
+                cleanup.cancel()
+            await asyncio.gather(cleanup, return_exceptions=True)
+
+    async def _run_connected(self, stop: asyncio.Event) -> None:
         nc = await self._connect(stop)
         if nc is None:
             return
@@ -482,7 +502,11 @@ class Supervisor:
             )
         elif isinstance(command, VerifyCommand):
             coro = jobs.run_verify(
-                command, agent_id=self.agent_id, private_key=self._private_key, progress=progress
+                command,
+                agent_id=self.agent_id,
+                private_key=self._private_key,
+                progress=progress,
+                registry=self._scratch_registry,
             )
         else:
             coro = jobs.run_restore(

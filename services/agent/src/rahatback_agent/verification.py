@@ -36,12 +36,14 @@ from .artifact import ArtifactError
 from .engines.base import Connection, Engine, EngineError, ScratchDatabases
 from .jobs import ProgressState, _as_str_secrets, _report_failure, _scrub, describe_error, get_engine
 from .pipeline import Manifest, StreamDigests, manifest_key, restore_stream
+from .scratch_registry import ScratchEntry, ScratchRegistry
 from .sealing import SealingError, open_job_key, open_optional
 from .storages.base import Storage, StorageError
 from .storages.registry import get_storage
 
 __all__ = [
     "SCRATCH_PREFIX",
+    "drop_registered_leftovers",
     "run_verify",
     "scratch_name",
     "scratch_prefix",
@@ -61,6 +63,9 @@ _HASH_BLOCK = 1 << 20
 
 # scratch databases this process is using right now: the leftover sweep never touches these
 _active: set[str] = set()
+# registered leftovers the start-up cleanup is dropping: a redelivered verification with the same
+# verify id (hence the same scratch name) waits for it before creating its own
+_cleaning: dict[str, asyncio.Event] = {}
 
 
 def scratch_prefix(agent_id: str) -> str:
@@ -95,8 +100,15 @@ class _Findings:
 
 
 async def run_verify(
-    cmd: VerifyCommand, *, agent_id: str, private_key: X25519PrivateKey, progress: ProgressState
+    cmd: VerifyCommand,
+    *,
+    agent_id: str,
+    private_key: X25519PrivateKey,
+    progress: ProgressState,
+    registry: ScratchRegistry | None = None,
 ) -> VerifyCompleted | VerifyFailed:
+    """`registry`: where scratch databases are recorded while they exist, so that a killed agent
+    drops them at its next start; the supervisor always passes its own."""
     started_at = _now()
     secret_sets: list[dict[str, Any]] = []
     stage: Stage = "queued"
@@ -142,7 +154,7 @@ async def run_verify(
                 set_stage("verifying")
                 await _check_integrity(stream, cmd.storage_key, findings)
             else:
-                await _test_restore(scratch, stream, cmd, agent_id, manifest, findings, set_stage)
+                await _test_restore(scratch, stream, cmd, agent_id, manifest, findings, set_stage, registry)
             set_stage("verifying")
             await _compare_checksums(storage, cmd.storage_key, digests, expected, findings)
 
@@ -336,12 +348,25 @@ async def _test_restore(
     manifest: Manifest | None,
     findings: _Findings,
     set_stage: Callable[[Stage], None],
+    registry: ScratchRegistry | None,
 ) -> None:
     engine, scratch = server.engine, server.scratch
     if engine.tools:  # the restore tool must suit the server before anything is created on it
         await tools.ensure_tools(engine, "restore", await engine.test(server.conn))
     name = scratch_name(agent_id, cmd.verify_id)
-    await _drop_leftovers(scratch, server.conn, agent_id)
+    if (cleaning := _cleaning.get(name)) is not None:
+        await cleaning.wait()  # bounded: each start-up drop has a timeout
+    await _drop_leftovers(scratch, server.conn, agent_id, registry)
+    if registry is not None:
+        # on disk before it exists: if the agent is killed from here on, its next start drops it
+        entry = ScratchEntry(
+            verify_id=cmd.verify_id,
+            scratch=name,
+            engine=server.target.engine,
+            server=server.target,
+            created_at=_now(),
+        )
+        await registry.add(entry)
     # registered before it exists: another verification's sweep never drops it
     _active.add(name)
     try:
@@ -368,24 +393,35 @@ async def _test_restore(
             findings.add(problem)
     finally:
         # in every case, cancellation included: the drop runs to its end even if we are cancelled
-        await asyncio.shield(_drop_scratch(scratch, server.conn, name))
+        await asyncio.shield(_drop_scratch(scratch, server.conn, name, registry))
 
 
-async def _drop_scratch(scratch: ScratchDatabases, conn: Connection, name: str) -> None:
+async def _drop_scratch(
+    scratch: ScratchDatabases, conn: Connection, name: str, registry: ScratchRegistry | None
+) -> None:
     try:
         await scratch.drop_scratch(conn, name)
         log.info("scratch database dropped", scratch=name)
     except Exception as exc:
         log.warning(
-            "scratch database not dropped; the next test restore on this server drops it",
+            "scratch database not dropped; the agent's next start or next test restore on this "
+            "server drops it",
             scratch=name,
-            reason=describe_error(exc),
+            reason=_scrub(describe_error(exc), conn.secrets),
         )
+        return
     finally:
         _active.discard(name)
+    if registry is not None:
+        try:
+            await registry.remove(name)
+        except OSError as exc:  # the next start finds it gone: DROP … IF EXISTS, then forgets it
+            log.warning("dropped scratch database still in the registry", scratch=name, reason=str(exc))
 
 
-async def _drop_leftovers(scratch: ScratchDatabases, conn: Connection, agent_id: str) -> None:
+async def _drop_leftovers(
+    scratch: ScratchDatabases, conn: Connection, agent_id: str, registry: ScratchRegistry | None = None
+) -> None:
     """Scratch databases of this agent that no running verification uses are leftovers of an agent
     that was killed mid-way: drop them before making a new one (docs/verification.md)."""
     try:
@@ -396,7 +432,7 @@ async def _drop_leftovers(scratch: ScratchDatabases, conn: Connection, agent_id:
     for name in names:
         if name not in _active:
             log.info("dropping a leftover scratch database", scratch=name)
-            await _drop_scratch(scratch, conn, name)
+            await _drop_scratch(scratch, conn, name, registry)
 
 
 def _compare_rows(manifest: Manifest | None, found: dict[str, int], findings: _Findings) -> None:
@@ -439,3 +475,69 @@ async def sweep_local_leftovers(agent_id: str) -> None:
         return
     if isinstance(engine, ScratchDatabases):
         await _drop_leftovers(engine, Connection(settings={}), agent_id)
+
+
+async def drop_registered_leftovers(
+    registry: ScratchRegistry, *, agent_id: str, private_key: X25519PrivateKey, timeout_seconds: float
+) -> None:
+    """At start-up: drop every scratch database the registry says a previous run of this agent
+    created and never dropped (killed mid-way). The server's secrets are reopened from the sealed
+    blob kept in the entry. A drop that fails (server unreachable, password changed, too slow) keeps
+    its entry for the next start; all entries are tried at once, each within `timeout_seconds`.
+    Never raises: a leftover must not keep the agent from starting."""
+    entries = registry.load()  # before the first await: no command can start before this ran
+    for entry in entries:
+        _cleaning.setdefault(entry.scratch, asyncio.Event())
+    if entries:
+        log.info("dropping scratch databases left by a previous run", count=len(entries))
+    await asyncio.gather(
+        *(_drop_registered(registry, entry, agent_id, private_key, timeout_seconds) for entry in entries)
+    )
+
+
+async def _drop_registered(
+    registry: ScratchRegistry,
+    entry: ScratchEntry,
+    agent_id: str,
+    private_key: X25519PrivateKey,
+    timeout_seconds: float,
+) -> None:
+    name = entry.scratch
+    secrets: dict[str, Any] = {}
+    try:
+        with structlog.contextvars.bound_contextvars(verify_id=entry.verify_id, scratch=name):
+            if not name.startswith(scratch_prefix(agent_id)):
+                # another identity's (the agent was re-enrolled): its key cannot open the secrets,
+                # and an agent only ever drops its own scratch databases
+                log.warning("registered scratch database is not this agent's; drop it by hand")
+                await registry.remove(name)
+                return
+            if name in _active:
+                return
+            try:
+                engine = get_engine(entry.engine)
+                if not isinstance(engine, ScratchDatabases):
+                    raise EngineError("bad_settings", f"{entry.engine} has no scratch databases")
+                info = seal_info("verify", entry.verify_id)
+                secrets = open_optional(private_key, entry.server.secrets, info)
+                conn = Connection(dict(entry.server.settings), _as_str_secrets(secrets))
+                await asyncio.wait_for(engine.drop_scratch(conn, name), timeout_seconds)
+                await registry.remove(name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reason = (
+                    f"no answer within {timeout_seconds:g} s"
+                    if isinstance(exc, TimeoutError)
+                    else _scrub(describe_error(exc), secrets)
+                )
+                log.warning(
+                    "leftover scratch database not dropped; trying again at the next start",
+                    engine=entry.engine,
+                    reason=reason,
+                )
+                return
+            log.info("leftover scratch database dropped", engine=entry.engine)
+    finally:
+        if (cleaning := _cleaning.pop(name, None)) is not None:
+            cleaning.set()
