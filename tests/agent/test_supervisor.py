@@ -16,6 +16,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy, StreamConfig
+from rahatback_agent import metrics as agent_metrics
 from rahatback_agent.identity import save_identity
 from rahatback_agent.pipeline import Manifest
 from rahatback_contracts import streams, subjects
@@ -49,9 +51,14 @@ from tests.agent.conftest import (
     make_identity,
     running_agent,
 )
-from tests.servers import NatsServer, PostgresServer, start_nats
+from tests.servers import NatsServer, PostgresServer, free_port, start_nats
 
 pytestmark = pytest.mark.integration
+
+
+def metric(name: str, **labels: str) -> float:
+    return agent_metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
 
 _names = itertools.count()
 WRONG_PASSWORD = "not-the-Right-pw-7731"
@@ -268,6 +275,8 @@ async def test_backup_then_restore_into_another_database(
     source = new_db(postgres, SCHEMA)
     target = new_db(postgres)
     job_key = secrets.token_bytes(32)
+    finished_before = metric("rahatback_agent_jobs_total", kind="backup", outcome="completed")
+    read_before = metric("rahatback_agent_read_bytes_total", kind="backup")
     async with running_agent(nats_server, api_nc, tmp_path) as agent:
         command = backup_command(agent, postgres, source, job_key)
         await agent.send_command("job.execute", command)
@@ -293,6 +302,10 @@ async def test_backup_then_restore_into_another_database(
         assert manifest.encrypted and manifest.key_id == "job-key-1"
         assert done["server_version"].startswith("15")
         assert done["dump_size"] > 100_000
+        # the agent's own metrics (RAHATBACK_AGENT_METRICS_PORT) counted it
+        await asyncio.sleep(0.2)  # the report is published just after the counters move
+        assert metric("rahatback_agent_jobs_total", kind="backup", outcome="completed") == finished_before + 1
+        assert metric("rahatback_agent_read_bytes_total", kind="backup") == read_before + done["dump_size"]
 
         # restore it into the second database
         restore_id = uuid.uuid4().hex
@@ -602,3 +615,11 @@ async def test_real_process_runs_and_drains_on_sigterm(
     events = [line["event"] for line in log_lines]
     assert "connected to nats" in events and "agent stopped" in events, events
     assert identity.x25519_private_key_b64 not in err.decode()
+
+
+def test_agent_metrics_are_served_over_http_when_asked() -> None:
+    port = free_port()
+    agent_metrics.serve(port)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        body = response.read().decode()
+    assert "rahatback_agent_jobs_total" in body and "rahatback_agent_running_jobs" in body

@@ -132,6 +132,10 @@ async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
     from .supervisor import Supervisor
 
     limit_malloc_arenas()
+    if settings.metrics_port:
+        from . import metrics
+
+        metrics.serve(settings.metrics_port, settings.metrics_host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     log = structlog.get_logger("rahatback_agent")

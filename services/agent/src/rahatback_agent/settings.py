@@ -39,3 +39,7 @@ class AgentSettings(BaseSettings):
     # at start-up, how long dropping one scratch database left by a killed agent may take before
     # it is left for the next start (docs/verification.md)
     scratch_cleanup_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Prometheus /metrics of the agent itself; 0 = off (an agent on a customer host exposes nothing
+    # unless asked). Bound to metrics_host, loopback by default.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"

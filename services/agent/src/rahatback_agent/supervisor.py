@@ -47,7 +47,7 @@ from rahatback_contracts.messages import (
     VerifyStarted,
 )
 
-from . import __version__, jobs, tools, verification
+from . import __version__, jobs, metrics, tools, verification
 from .identity import AgentIdentity
 from .scratch_registry import ScratchRegistry
 from .settings import AgentSettings
@@ -169,12 +169,14 @@ class Supervisor:
             self.log.warning("nats error", error=str(exc), error_type=type(exc).__name__)
 
         async def disconnected_cb() -> None:
+            metrics.NATS_CONNECTED.set(0)
             if self._closing.is_set():
                 self.log.info("disconnected from nats")
             else:
                 self.log.warning("disconnected from nats; reconnecting")
 
         async def reconnected_cb() -> None:
+            metrics.NATS_CONNECTED.set(1)
             self.log.info("reconnected to nats")
 
         backoff = 1.0
@@ -210,6 +212,7 @@ class Supervisor:
                 backoff = min(backoff * 2, 30.0)
                 continue
             self.log.info("connected to nats", url=self._nats_url_for_logs)
+            metrics.NATS_CONNECTED.set(1)
             return nc
         return None
 
@@ -520,6 +523,7 @@ class Supervisor:
         job = RunningJob(kind=kind, run_id=run_id, progress=progress, inner=inner)
         self._seen.add(run_id)
         self._running[run_id] = job
+        metrics.RUNNING.set(len(self._running))
         outer = asyncio.create_task(self._finish(job), name=f"report-{run_id}")
         self._job_tasks.add(outer)
         outer.add_done_callback(self._job_tasks.discard)
@@ -537,6 +541,8 @@ class Supervisor:
         else:
             report = job.inner.result()
         self._running.pop(job.run_id, None)
+        metrics.RUNNING.set(len(self._running))
+        metrics.record_finished(job.kind, report, job.progress.bytes_in)
         self._slot_freed.set()
         await self._publish_report(job.kind, report)
 
