@@ -19,7 +19,7 @@ demo:  ## with `make up` running: back up a SQLite demo database, restore it, co
 	$(RUN) python scripts/demo.py
 
 test: install  ## run every test (unit, integration with real nats-server + PostgreSQL, end to end)
-	$(RUN) pytest
+	$(RUN) pytest -n 2 --dist loadfile
 
 lint: install  ## ruff + mypy --strict
 	$(RUN) ruff check .

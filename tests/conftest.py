@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +18,20 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     server.stop()
 
 
+def open_to_service_users(base: Path) -> None:
+    """Let the postgres and mysql OS users traverse pytest's temp folders (private to root by
+    default), up to the system temp dir; with pytest-xdist there is one more level per worker."""
+    top = Path(tempfile.gettempdir()).resolve()
+    for folder in (base.resolve(), *base.resolve().parents):
+        if folder == top or top not in folder.parents:
+            break
+        folder.chmod(0o755)
+
+
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    # postgres must be able to reach its data dir: pytest's base temp is private to root, so use /tmp
-    base = tmp_path_factory.getbasetemp()
-    base.chmod(0o755)
-    base.parent.chmod(0o755)
+    # postgres must be able to reach its data dir: pytest's base temp is private to root
+    open_to_service_users(tmp_path_factory.getbasetemp())
     with running_postgres(tmp_path_factory.mktemp("postgres")) as server:
         yield server
 
@@ -42,9 +51,7 @@ def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBServer]
         install = "apt-get install -y mariadb-server mariadb-client"
         pytest.skip(f"MariaDB is not installed ({', '.join(missing)}): {install}")
     # mariadbd runs as the mysql OS user: pytest's base temp is private to root, so open it up
-    base = tmp_path_factory.getbasetemp()
-    base.chmod(0o755)
-    base.parent.chmod(0o755)
+    open_to_service_users(tmp_path_factory.getbasetemp())
     with running_mariadb(tmp_path_factory.mktemp("mariadb")) as server:
         yield server
 

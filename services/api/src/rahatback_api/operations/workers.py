@@ -8,12 +8,14 @@ at any point leads to a re-delivery that `apply_report` recognises and ignores.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import structlog
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
 from rahatback_api.db import session_scope
 from rahatback_api.messaging.bus import Bus
 from rahatback_api.messaging.live import LiveHub
@@ -96,6 +98,17 @@ class Workers:
 
     async def _consume(self, spec: streams.ConsumerSpec, handle: Callable[[Msg], Awaitable[None]]) -> None:
         sub = await self.bus.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        try:
+            await self._fetch_loop(sub, handle)
+        finally:
+            # nats-py's drain() waits out its whole timeout (30 s) for a pull subscription still
+            # registered: unsubscribe it first so a shutdown is immediate
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _fetch_loop(
+        self, sub: JetStreamContext.PullSubscription, handle: Callable[[Msg], Awaitable[None]]
+    ) -> None:
         while not self._stopping.is_set():
             try:
                 # one at a time: a batch fetch lingers until the batch fills or times out, delaying work
