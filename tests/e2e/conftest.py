@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -56,3 +57,37 @@ def table_fingerprint(pg: PostgresServer, database: str) -> dict[str, tuple[int,
 
 def stack_logs(var: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in var.glob("*.log"))
+
+
+@dataclass
+class LocalSetup:
+    """A SQLite database with rows and a local backup folder, both registered on the stack's agent."""
+
+    source: Path
+    folder: Path
+    database: dict[str, Any]
+    storage: dict[str, Any]
+
+
+class _Api(Protocol):
+    def ok(self, method: str, path: str, json: Any = None) -> Any: ...
+
+
+def sqlite_and_folder(api: _Api, tmp_path: Path, name: str, rows: int = 500) -> LocalSetup:
+    source, folder = tmp_path / f"{name}.db", tmp_path / f"{name}-backups"
+    with sqlite3.connect(source) as conn:
+        conn.execute("create table orders (id integer primary key, item text)")
+        conn.executemany("insert into orders (item) values (?)", [(f"item {i}",) for i in range(rows)])
+    folder.mkdir()
+    agent = api.ok("GET", "/v1/agents")[0]
+    database = api.ok(
+        "POST",
+        "/v1/databases",
+        {"name": name, "engine": "sqlite", "agent_id": agent["id"], "settings": {"path": str(source)}},
+    )
+    storage = api.ok(
+        "POST",
+        "/v1/storages",
+        {"name": f"{name}-disk", "kind": "local", "agent_id": agent["id"], "settings": {"path": str(folder)}},
+    )
+    return LocalSetup(source, folder, database, storage)

@@ -6,7 +6,6 @@ the notifier pointed at an aiosmtpd server on loopback.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 
 from scripts.devstack import BIN, Stack
-from tests.e2e.conftest import Client, stack_logs
+from tests.e2e.conftest import Client, sqlite_and_folder, stack_logs
 from tests.notifier.conftest import SmtpServer, running_smtp
 from tests.servers import free_port
 
@@ -59,29 +58,11 @@ def emails_about(smtp: SmtpServer, run_id: str) -> list[Any]:
     return [m for m in smtp.messages if run_id in m.part("plain")]
 
 
-def make_source(path: Path) -> None:
-    with sqlite3.connect(path) as conn:
-        conn.execute("create table orders (id integer primary key, item text)")
-        conn.executemany("insert into orders (item) values (?)", [(f"item {i}",) for i in range(500)])
-
-
 def test_a_schedule_runs_by_itself_prunes_with_retention_and_emails_each_success(
     stack: Client, smtp: SmtpServer, tmp_path: Path
 ) -> None:
-    source, folder = tmp_path / "shop.db", tmp_path / "backups"
-    make_source(source)
-    folder.mkdir()
-    agent = stack.ok("GET", "/v1/agents")[0]
-    db = stack.ok(
-        "POST",
-        "/v1/databases",
-        {"name": "shop", "engine": "sqlite", "agent_id": agent["id"], "settings": {"path": str(source)}},
-    )
-    storage = stack.ok(
-        "POST",
-        "/v1/storages",
-        {"name": "disk", "kind": "local", "agent_id": agent["id"], "settings": {"path": str(folder)}},
-    )
+    setup = sqlite_and_folder(stack, tmp_path, "shop")
+    db, storage, folder = setup.database, setup.storage, setup.folder
     job = stack.ok(
         "POST",
         "/v1/backups/jobs",
@@ -134,20 +115,8 @@ def test_a_schedule_runs_by_itself_prunes_with_retention_and_emails_each_success
 def test_an_event_committed_while_the_notifier_is_down_is_emailed_exactly_once(
     stack: Client, smtp: SmtpServer, tmp_path: Path
 ) -> None:
-    source, folder = tmp_path / "crm.db", tmp_path / "backups"
-    make_source(source)
-    folder.mkdir()
-    agent = stack.ok("GET", "/v1/agents")[0]
-    db = stack.ok(
-        "POST",
-        "/v1/databases",
-        {"name": "crm", "engine": "sqlite", "agent_id": agent["id"], "settings": {"path": str(source)}},
-    )
-    storage = stack.ok(
-        "POST",
-        "/v1/storages",
-        {"name": "crm-disk", "kind": "local", "agent_id": agent["id"], "settings": {"path": str(folder)}},
-    )
+    setup = sqlite_and_folder(stack, tmp_path, "crm")
+    db, storage = setup.database, setup.storage
     job = stack.ok(
         "POST",
         "/v1/backups/jobs",
@@ -173,20 +142,8 @@ def test_an_event_committed_while_the_notifier_is_down_is_emailed_exactly_once(
 def test_a_scheduled_verification_runs_by_itself_and_a_corrupt_backup_is_reported(
     stack: Client, smtp: SmtpServer, tmp_path: Path
 ) -> None:
-    source, folder = tmp_path / "ledger.db", tmp_path / "backups"
-    make_source(source)
-    folder.mkdir()
-    agent = stack.ok("GET", "/v1/agents")[0]
-    db = stack.ok(
-        "POST",
-        "/v1/databases",
-        {"name": "ledger", "engine": "sqlite", "agent_id": agent["id"], "settings": {"path": str(source)}},
-    )
-    storage = stack.ok(
-        "POST",
-        "/v1/storages",
-        {"name": "ledger-disk", "kind": "local", "agent_id": agent["id"], "settings": {"path": str(folder)}},
-    )
+    setup = sqlite_and_folder(stack, tmp_path, "ledger")
+    db, storage, folder = setup.database, setup.storage, setup.folder
     job = stack.ok(
         "POST",
         "/v1/backups/jobs",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import sqlite3
 import time
 import uuid
 from collections import Counter
@@ -21,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rahatback_contracts import messages as m
 
 from scripts.devstack import BIN, Stack, wait_for
-from tests.e2e.conftest import Client, stack_logs
+from tests.e2e.conftest import Client, sqlite_and_folder, stack_logs
 from tests.servers import PostgresServer, free_port
 
 pytestmark = pytest.mark.e2e
@@ -81,22 +80,8 @@ def test_two_api_replicas_serve_requests_and_handle_each_run_once(
     stack, second_url = two_apis
     first, second = Replica(stack.stack.api, stack.token), Replica(second_url, stack.token)
 
-    source, folder = tmp_path / "shop.db", tmp_path / "backups"
-    with sqlite3.connect(source) as conn:
-        conn.execute("create table t (id integer primary key, v text)")
-        conn.executemany("insert into t (v) values (?)", [(f"v{i}",) for i in range(300)])
-    folder.mkdir()
-    agent = first.ok("GET", "/v1/agents")[0]
-    db = second.ok(
-        "POST",
-        "/v1/databases",
-        {"name": "shop", "engine": "sqlite", "agent_id": agent["id"], "settings": {"path": str(source)}},
-    )
-    storage = first.ok(
-        "POST",
-        "/v1/storages",
-        {"name": "disk", "kind": "local", "agent_id": agent["id"], "settings": {"path": str(folder)}},
-    )
+    setup = sqlite_and_folder(second, tmp_path, "shop")  # created through the second replica
+    db, storage, folder = setup.database, setup.storage, setup.folder
     body = {"name": "shop", "database_id": db["id"], "storage_id": storage["id"]}
     job = second.ok("POST", "/v1/backups/jobs", body)
 
