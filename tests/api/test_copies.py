@@ -123,7 +123,8 @@ async def test_a_partial_run_records_each_copy_and_restores_from_a_healthy_one(
     other = await client.post(
         f"/v1/backups/history/{run['id']}/restore", json={"storage_id": "elsewhere"}, headers=tenant.headers
     )
-    assert other.status_code in (409, 422)
+    assert other.status_code == 422 and other.json()["field"] == "storage_id"
+    assert "has no copy in storage elsewhere" in other.json()["detail"]
 
 
 async def test_retention_prunes_each_storage_and_a_run_is_gone_only_when_every_copy_is(

@@ -184,7 +184,7 @@ async def handle_verify_requested(
             offline_after=offline_after,
             trigger="schedule",
         )
-    except (Conflict, AppError) as exc:
+    except AppError as exc:  # Conflict included: e.g. no agent online, copy deleted by retention
         job.last_verify_status, job.last_verified_at = "failed", utcnow()
         log.warning("verify.schedule_not_started", job_id=job.id, reason=exc.message)
         return None
