@@ -5,7 +5,8 @@ from __future__ import annotations
 from sqlmodel import SQLModel
 
 from rahatback_api.agents.models import Agent, EnrollmentToken
-from rahatback_api.auth.models import ApiToken, Membership, Organization, User
+from rahatback_api.audit.models import AuditEvent
+from rahatback_api.auth.models import ApiToken, LoginThrottle, Membership, Organization, User
 from rahatback_api.backups.models import (
     BackupCopy,
     BackupJob,
@@ -25,12 +26,14 @@ metadata = SQLModel.metadata
 __all__ = [
     "Agent",
     "ApiToken",
+    "AuditEvent",
     "BackupCopy",
     "BackupJob",
     "BackupKey",
     "BackupRun",
     "Database",
     "EnrollmentToken",
+    "LoginThrottle",
     "Membership",
     "NotificationChannel",
     "Organization",

@@ -64,6 +64,20 @@ class ApiToken(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
+class LoginThrottle(SQLModel, table=True):
+    """Failed logins counted per email and per client address, shared by every API replica."""
+
+    __tablename__ = "login_throttles"
+    __table_args__ = (UniqueConstraint("scope", "key"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=ID_LENGTH)
+    scope: str = Field(max_length=8)  # "email" | "ip"
+    key: str = Field(max_length=320)  # the lowercased email, or the client address
+    failures: int = 0  # within the window that started at `window_started_at`
+    window_started_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    locked_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
 # --- HTTP schemas -------------------------------------------------------------------------------
 
 

@@ -1,0 +1,1 @@
+"""Who did what, when and from where: one row per mutating request, login and enrollment."""
