@@ -173,7 +173,16 @@ class PruneCommand(Command):
 # ---------------------------------------------------------------- rpc (core request/reply)
 
 
-class DbTestRequest(Message):
+class RpcRequest(Message):
+    """What every API → agent request carries besides its own fields. The API signs each request
+    (docs/security.md "Signed commands") and gives it an expiry; an agent refuses one that has none."""
+
+    request_id: str
+    issued_at: AwareDatetime | None = None
+    expires_at: AwareDatetime | None = None
+
+
+class DbTestRequest(RpcRequest):
     request_id: str
     database: DatabaseTarget
 
@@ -191,7 +200,22 @@ class DbTestReply(Message):
     warning: str | None = None
 
 
-class StorageTestRequest(Message):
+class DbListRequest(RpcRequest):
+    """API → agent `rpc.db.list`: which databases does this server hold (whole-server jobs)?"""
+
+    request_id: str
+    database: DatabaseTarget  # the server connection; secrets sealed with seal_info("rpc", request_id)
+
+
+class DbListReply(Message):
+    ok: bool
+    # the server's databases, without its system databases and RahatBack's own scratch databases
+    databases: list[str] = Field(default_factory=list)
+    error_code: str | None = None
+    error: str | None = None
+
+
+class StorageTestRequest(RpcRequest):
     """API → agent `rpc.storage.test`: can the agent write, read back and delete in this storage?"""
 
     request_id: str
@@ -329,6 +353,25 @@ class PruneFailed(Report):
 
     prune_id: str
     error: str
+
+
+# why an agent refused a command or request (docs/security.md "Signed commands")
+RefusalReason = Literal[
+    "unsigned", "malformed_signature", "unknown_key", "bad_signature", "expired", "replayed"
+]
+
+
+class CommandRefused(Report):
+    """`agent.<id>.report.command.refused`: the agent ran nothing. `command_id`, `run_kind` and
+    `run_id` are read from the refused body as it came (unsigned bodies included): the API acts on
+    them only when they name a command it issued itself to that agent."""
+
+    subject: str
+    reason: RefusalReason
+    detail: str
+    command_id: str | None = None
+    run_kind: Literal["backup", "restore", "verify", "prune", "cancel", "rpc"] | None = None
+    run_id: str | None = None
 
 
 # ---------------------------------------------------------------- core telemetry

@@ -36,6 +36,11 @@ def agent_report(agent_id: str, kind: RunKind, outcome: ReportOutcome) -> str:
     return f"agent.{_checked(agent_id)}.report.{kind}.{outcome}"
 
 
+def agent_command_refused(agent_id: str) -> str:
+    """Where an agent reports a command or request it refused (inside AGENT_REPORTS)."""
+    return f"agent.{_checked(agent_id)}.report.command.refused"
+
+
 def agent_progress(agent_id: str) -> str:
     return f"agent.{_checked(agent_id)}.progress"
 
