@@ -86,6 +86,10 @@ class EncryptionSpec(BaseModel):
     enabled: bool = True
     key_id: str | None = None
     job_key: Sealed | None = None  # sealed 32 raw bytes (base64 inside the sealed JSON)
+    # customer: the key never leaves the agent host; the command names it (key_id + fingerprint)
+    # and carries no job_key; the agent takes it from its own keyring (docs/backup-keys.md)
+    custody: Literal["managed", "customer"] = "managed"
+    fingerprint: str | None = None
 
 
 # ---------------------------------------------------------------- commands (AGENT_COMMANDS)
@@ -388,6 +392,13 @@ class Progress(Message):
     at: AwareDatetime
 
 
+class HeldKey(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    key_id: str
+    fingerprint: str  # hex, see docs/backup-keys.md
+
+
 class Heartbeat(Message):
     agent_id: str
     version: str
@@ -397,6 +408,8 @@ class Heartbeat(Message):
     # dump/restore tools found at start-up: name → version ("pg_dump" → "15.18"); absent = not found
     tools: dict[str, str] = Field(default_factory=dict)
     at: AwareDatetime
+    # customer-held backup keys in the agent's keyring (ids and fingerprints, never key material)
+    keys: list[HeldKey] = Field(default_factory=list)
 
 
 # ---------------------------------------------------------------- domain events (EVENTS)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from rahatback_agent.artifact import MAGIC, ArtifactError, read_header
+from rahatback_agent.keyring import KeyringError, parse_key_text
 from rahatback_agent.pipeline import Compression, Manifest, RestoreDecoder
 
 __all__ = ["decrypt_main"]
@@ -28,22 +29,39 @@ class _UsageError(Exception):
     pass
 
 
-def _load_key(spec: str) -> bytes:
+def _load_key(spec: str, head: bytes) -> bytes:
+    """The key from bare base64, or from a key file in either export format (managed:
+    `POST /v1/backups/keys/{id}/export` saved as JSON; customer: `rahatback-agent keys export`) or a
+    whole agent keyring — picked by the artifact's key id, which must match the file's."""
     if spec.startswith("@"):
+        where = f"the key file {spec[1:]!r}"
         try:
             text = Path(spec[1:]).read_text().strip()
         except OSError as exc:
             raise _UsageError(f"cannot read the key file {spec[1:]!r}: {exc.strerror}") from exc
     else:
-        text = spec.strip()
+        where, text = "the key", spec.strip()
+    if not text.startswith("{"):
+        try:
+            key = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            # The bad value is not echoed: it may be a mistyped real key.
+            raise _UsageError("the key is not valid base64") from None
+        if len(key) != 32:
+            raise _UsageError(f"the key must be base64 of exactly 32 bytes, it decodes to {len(key)} bytes")
+        return key
     try:
-        key = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        # The bad value is not echoed: it may be a mistyped real key.
-        raise _UsageError("the key is not valid base64") from None
-    if len(key) != 32:
-        raise _UsageError(f"the key must be base64 of exactly 32 bytes, it decodes to {len(key)} bytes")
-    return key
+        keys = parse_key_text(text, where)
+    except KeyringError as exc:
+        raise _UsageError(str(exc)) from None
+    artifact_key_id = read_header(head).key_id
+    if artifact_key_id in keys:
+        return keys[artifact_key_id]
+    held = ", ".join(repr(k) for k in keys if k) or "no key id"
+    raise _UsageError(
+        f"the artifact was encrypted with key id {artifact_key_id!r}, but {where} holds {held};"
+        f" use the key exported for {artifact_key_id!r}"
+    )
 
 
 def _detect(head: bytes) -> tuple[bool, Compression | None]:
@@ -92,7 +110,7 @@ def _run(args: argparse.Namespace) -> str:
                 raise _UsageError(
                     f"the artifact is encrypted (key id {read_header(head).key_id!r}); pass --key"
                 )
-            key = _load_key(args.key)
+            key = _load_key(args.key, head)
         manifest = None if args.no_manifest else _find_manifest(artifact, args.manifest)
         decoder = RestoreDecoder(
             compression=compression,
@@ -134,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("artifact", help="the artifact file (.zst.rbk, .gz.rbk, .rbk, .zst, .gz)")
     parser.add_argument(
         "--key",
-        help="the job key: base64 of 32 bytes, or @FILE holding it (prefer @FILE: ps shows arguments)",
+        help="the backup key: base64 of 32 bytes, or @FILE holding it, a managed or customer key"
+        " export, or an agent keyring (prefer @FILE: ps shows arguments)",
     )
     parser.add_argument("--out", default="-", help="output file, or - for stdout (default)")
     parser.add_argument(

@@ -11,6 +11,7 @@ import contextlib
 import re
 import time
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -45,8 +46,9 @@ from rahatback_contracts.messages import Engine as EngineName
 from . import __version__, tools
 from .artifact import ArtifactError
 from .engines.base import Connection, Engine, EngineError, TableCounts
+from .keyring import Keyring, KeyringError, job_key_for, only_key
 from .scratch_registry import ScratchRegistry
-from .sealing import SealingError, open_job_key, open_optional
+from .sealing import SealingError, open_optional
 from .storages.base import ArtifactWriter, Storage, StorageError
 from .storages.fanout import Copy, FanOutWriter
 from .storages.registry import SUPPORTED_KINDS, get_storage
@@ -147,7 +149,7 @@ def _scrub(message: str, *secret_sets: dict[str, Any]) -> str:
 def describe_error(exc: BaseException) -> str:
     if isinstance(exc, EngineError | StorageError):
         return exc.message
-    if isinstance(exc, SealingError | ArtifactError):
+    if isinstance(exc, SealingError | ArtifactError | KeyringError):
         return str(exc)
     if isinstance(exc, TimeoutError):
         return "timed out"
@@ -162,7 +164,12 @@ def _now() -> datetime:
 
 
 async def run_backup(
-    cmd: BackupCommand, *, agent_id: str, private_key: X25519PrivateKey, progress: ProgressState
+    cmd: BackupCommand,
+    *,
+    agent_id: str,
+    private_key: X25519PrivateKey,
+    progress: ProgressState,
+    keyring: Keyring | None = None,
 ) -> BackupCompleted | BackupFailed:
     from .pipeline import Manifest, artifact_extension, manifest_key, run_backup_pipeline
 
@@ -186,12 +193,12 @@ async def run_backup(
             job_key: bytes | None = None
             key_id: str | None = None
             if cmd.encryption.enabled:
-                if cmd.encryption.job_key is None:
+                found = job_key_for(cmd.encryption, private_key=private_key, info=info, keyring=keyring)
+                if found is None:
                     raise SealingError(
                         "encryption is enabled for this job but the command carries no job key"
                     )
-                job_key = open_job_key(private_key, cmd.encryption.job_key, info)
-                key_id = cmd.encryption.key_id
+                job_key, key_id = found
 
             set_stage("dumping")
             engine = get_engine(cmd.database.engine)
@@ -359,7 +366,12 @@ def _report_failure(kind: str, exc: Exception, stage: Stage, *secrets: dict[str,
 
 
 async def run_restore(
-    cmd: RestoreCommand, *, agent_id: str, private_key: X25519PrivateKey, progress: ProgressState
+    cmd: RestoreCommand,
+    *,
+    agent_id: str,
+    private_key: X25519PrivateKey,
+    progress: ProgressState,
+    keyring: Keyring | None = None,
 ) -> RestoreCompleted | RestoreFailed:
     from .pipeline import restore_stream
 
@@ -378,9 +390,10 @@ async def run_restore(
             info = seal_info("restore", cmd.restore_id)
             db_secrets = open_optional(private_key, cmd.database.secrets, info)
             storage_secrets = open_optional(private_key, cmd.storage.secrets, info)
-            job_key: bytes | None = None
-            if cmd.encryption is not None and cmd.encryption.job_key is not None:
-                job_key = open_job_key(private_key, cmd.encryption.job_key, info)
+            job_key: Callable[[str], bytes] | None = None
+            found = job_key_for(cmd.encryption, private_key=private_key, info=info, keyring=keyring)
+            if found is not None:
+                job_key = only_key(found[1], found[0])
             elif cmd.encrypted:
                 raise SealingError("the artifact is encrypted but the restore command carries no job key")
 
@@ -435,11 +448,14 @@ async def run_verify(
     private_key: X25519PrivateKey,
     progress: ProgressState,
     registry: ScratchRegistry | None = None,
+    keyring: Keyring | None = None,
 ) -> VerifyCompleted | VerifyFailed:
     """Integrity check or test restore of one backup copy: `verification.py`."""
     from .verification import run_verify as verify
 
-    return await verify(cmd, agent_id=agent_id, private_key=private_key, progress=progress, registry=registry)
+    return await verify(
+        cmd, agent_id=agent_id, private_key=private_key, progress=progress, registry=registry, keyring=keyring
+    )
 
 
 # ---------------------------------------------------------------- rpc

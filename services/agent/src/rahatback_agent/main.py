@@ -174,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     p_run.add_argument("--config", type=Path, help="identity file")
 
     sub.add_parser("decrypt", help="decrypt an artifact offline (see `rahatback-agent decrypt --help`)")
+    sub.add_parser("keys", help="customer-held backup keys (see `rahatback-agent keys --help`)")
     sub.add_parser("version", help="print the agent version")
     return parser
 
@@ -184,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         from .decrypt import decrypt_main
 
         return decrypt_main(args_list[1:])
+    if args_list[:1] == ["keys"]:
+        from .keyring import keys_main
+
+        return keys_main(args_list[1:])
     args = _parser().parse_args(args_list)
 
     if args.command == "version":

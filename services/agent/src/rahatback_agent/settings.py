@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def default_config_path() -> Path:
@@ -43,3 +43,16 @@ class AgentSettings(BaseSettings):
     # unless asked). Bound to metrics_host, loopback by default.
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    # customer-held backup keys (docs/backup-keys.md): the keyring file (default: agent.keys.json
+    # next to the identity), one extra key file, and a command printing the key for a key id
+    keyring: Path | None = None
+    key_file: Path | None = None
+    key_command: str | None = None
+    key_command_ids: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("key_command_ids", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

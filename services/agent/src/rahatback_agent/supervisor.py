@@ -49,6 +49,7 @@ from rahatback_contracts.messages import (
 
 from . import __version__, jobs, metrics, tools, verification
 from .identity import AgentIdentity
+from .keyring import Keyring
 from .scratch_registry import ScratchRegistry
 from .settings import AgentSettings
 
@@ -105,6 +106,7 @@ class Supervisor:
         self._engines = jobs.supported_engines()
         self._storages = jobs.supported_storages()
         self._scratch_registry = ScratchRegistry.beside(settings.config)
+        self._keyring = Keyring.from_settings(settings)  # customer-held backup keys
         self.log = log.bind(agent_id=self.agent_id)
 
     @property
@@ -235,6 +237,7 @@ class Supervisor:
                 running=self.running_ids,
                 tools=tools.reported_tools(),
                 at=_now(),
+                keys=await asyncio.to_thread(self._keyring.held),
             )
             try:
                 await self._nc.publish(subject, beat.to_bytes())
@@ -501,7 +504,11 @@ class Supervisor:
         coro: Awaitable[Report]
         if isinstance(command, BackupCommand):
             coro = jobs.run_backup(
-                command, agent_id=self.agent_id, private_key=self._private_key, progress=progress
+                command,
+                agent_id=self.agent_id,
+                private_key=self._private_key,
+                progress=progress,
+                keyring=self._keyring,
             )
         elif isinstance(command, VerifyCommand):
             coro = jobs.run_verify(
@@ -510,10 +517,15 @@ class Supervisor:
                 private_key=self._private_key,
                 progress=progress,
                 registry=self._scratch_registry,
+                keyring=self._keyring,
             )
         else:
             coro = jobs.run_restore(
-                command, agent_id=self.agent_id, private_key=self._private_key, progress=progress
+                command,
+                agent_id=self.agent_id,
+                private_key=self._private_key,
+                progress=progress,
+                keyring=self._keyring,
             )
 
         async def as_task() -> Report:

@@ -35,9 +35,10 @@ from . import tools
 from .artifact import ArtifactError
 from .engines.base import Connection, Engine, EngineError, ScratchDatabases
 from .jobs import ProgressState, _as_str_secrets, _report_failure, _scrub, describe_error, get_engine
+from .keyring import Keyring, job_key_for, only_key
 from .pipeline import Manifest, StreamDigests, manifest_key, restore_stream
 from .scratch_registry import ScratchEntry, ScratchRegistry
-from .sealing import SealingError, open_job_key, open_optional
+from .sealing import SealingError, open_optional
 from .storages.base import Storage, StorageError
 from .storages.registry import get_storage
 
@@ -106,6 +107,7 @@ async def run_verify(
     private_key: X25519PrivateKey,
     progress: ProgressState,
     registry: ScratchRegistry | None = None,
+    keyring: Keyring | None = None,
 ) -> VerifyCompleted | VerifyFailed:
     """`registry`: where scratch databases are recorded while they exist, so that a killed agent
     drops them at its next start; the supervisor always passes its own."""
@@ -123,9 +125,10 @@ async def run_verify(
             info = seal_info("verify", cmd.verify_id)
             storage_secrets = open_optional(private_key, cmd.storage.secrets, info)
             secret_sets.append(storage_secrets)
-            job_key: bytes | None = None
-            if cmd.encryption is not None and cmd.encryption.job_key is not None:
-                job_key = open_job_key(private_key, cmd.encryption.job_key, info)
+            job_key: Callable[[str], bytes] | None = None
+            found = job_key_for(cmd.encryption, private_key=private_key, info=info, keyring=keyring)
+            if found is not None:
+                job_key = only_key(found[1], found[0])
             elif cmd.encrypted:
                 raise SealingError("the artifact is encrypted but the verify command carries no job key")
             scratch: _ScratchServer | None = None
