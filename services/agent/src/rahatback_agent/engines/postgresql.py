@@ -37,6 +37,9 @@ _PG_ROOT = Path("/usr/lib/postgresql")
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
 
+# the maintenance database and the cloud providers' own: never part of "every database on the server"
+SYSTEM_DATABASES = frozenset({"postgres", "rdsadmin", "azure_maintenance", "azure_sys", "cloudsqladmin"})
+
 class PostgreSQLSettings(BaseModel):
     # extra keys are ignored: the control plane may store display-only fields next to these
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -337,7 +340,7 @@ class PostgreSQLEngine:
             )
         finally:
             await db.close()
-        return [str(row["datname"]) for row in rows]
+        return [str(row["datname"]) for row in rows if row["datname"] not in SYSTEM_DATABASES]
 
     async def _connect(self, settings: PostgreSQLSettings, conn: Connection, database: str) -> Any:
         address = settings.address
