@@ -126,7 +126,7 @@ async def test_cannot_revoke_someone_elses_token(client: httpx.AsyncClient, tena
     assert (await client.delete(f"/v1/tokens/{created['id']}", headers=other)).status_code == 404
 
 
-async def test_roles_viewer_reads_operator_writes_admin_deletes(
+async def test_roles_viewer_reads_admin_configures_and_deletes(
     client: httpx.AsyncClient, tenant: Tenant
 ) -> None:
     viewer = await tenant.member("viewer")
@@ -136,9 +136,12 @@ async def test_roles_viewer_reads_operator_writes_admin_deletes(
     assert (await client.get("/v1/databases", headers=viewer)).status_code == 200
     denied = await client.post("/v1/databases", json=NEW_DB, headers=viewer)
     assert denied.status_code == 403
-    assert denied.json() == {"detail": "this needs the operator role or higher; you are viewer"}
+    assert denied.json() == {"detail": "this needs the admin role or higher; you are viewer"}
+    # database credentials are secrets: operators run and restore, admins configure
+    denied = await client.post("/v1/databases", json=NEW_DB, headers=operator)
+    assert denied.json() == {"detail": "this needs the admin role or higher; you are operator"}
 
-    created = await client.post("/v1/databases", json=NEW_DB, headers=operator)
+    created = await client.post("/v1/databases", json=NEW_DB, headers=admin)
     assert created.status_code == 201
     db_id = created.json()["id"]
     assert (

@@ -15,6 +15,9 @@ import uvicorn
 from fastapi import APIRouter, FastAPI
 
 from rahatback_api.agents.router import router as agents_router
+from rahatback_api.audit.client import parse_trusted_proxies
+from rahatback_api.audit.middleware import AuditMiddleware
+from rahatback_api.audit.router import router as audit_router
 from rahatback_api.auth.router import router as auth_router
 from rahatback_api.auth.service import bootstrap_admin
 from rahatback_api.backups.router import router as backups_router
@@ -23,6 +26,7 @@ from rahatback_api.databases.router import router as databases_router
 from rahatback_api.db import create_engine, create_sessionmaker, run_migrations, session_scope
 from rahatback_api.errors import AppError, install_error_handlers
 from rahatback_api.logs import configure_logging
+from rahatback_api.members.router import router as members_router
 from rahatback_api.metrics import install_metrics
 from rahatback_api.notifications.router import router as notifications_router
 from rahatback_api.operations.lifespan import nats_lifespan
@@ -54,6 +58,8 @@ ROUTERS: list[APIRouter] = [
     operations_router,
     notifications_router,
     verification_router,
+    members_router,
+    audit_router,
 ]
 
 # Extra lifespan steps (NATS connection, outbox relay, consumers), entered in order after the
@@ -95,6 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.secretbox = secretbox
     app.state.outbox_wakeup = None  # an asyncio.Event the outbox relay may install
     install_error_handlers(app)
+    app.state.trusted_proxies = parse_trusted_proxies(settings.trusted_proxies)
+    app.add_middleware(AuditMiddleware, trusted_proxies=app.state.trusted_proxies)  # inside the request id
     app.add_middleware(RequestIdMiddleware)
     install_metrics(app)  # GET /metrics and the HTTP latency middleware
     for router in ROUTERS:

@@ -47,6 +47,15 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
     login_token_hours: int = 12
+    # login throttling: this many failed logins for one email (or from one client address) within the
+    # window lock that email (or address) out for the lockout; the attempts then get 429
+    login_max_failures: int = Field(default=5, ge=1)
+    login_max_failures_per_ip: int = Field(default=5, ge=1)
+    login_failure_window_minutes: int = Field(default=15, ge=1)
+    login_lockout_minutes: int = Field(default=15, ge=1)
+    # reverse proxies (addresses or CIDR networks, JSON list) whose X-Forwarded-For names the client
+    # in the audit log and the login throttle; empty: the connecting address is the client
+    trusted_proxies: list[str] = []
 
     def master_key_bytes(self) -> bytes:
         """The decoded master key; in dev mode one is generated and kept in `var/master.key`.

@@ -77,6 +77,8 @@ async def get_principal(
         scopes=tuple(token.scopes),
         token_id=token.id,
     )
+    # plain strings for the audit middleware, which runs after this request's session has closed
+    request.state.audit_actor = {"org_id": token.org_id, "user_id": user.id, "token_id": token.id}
     needed = "read" if request.method in _SAFE_METHODS else "write"
     if not principal.has_scope(needed):
         raise AppError(f"this token lacks the {needed!r} scope", 403)

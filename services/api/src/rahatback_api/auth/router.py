@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, HTTPException, Request, status
 
-from rahatback_api.auth import service
+from rahatback_api.audit.client import client_address
+from rahatback_api.audit.middleware import note_audit
+from rahatback_api.auth import service, throttle
 from rahatback_api.auth.deps import CurrentPrincipal
 from rahatback_api.auth.models import (
     ApiToken,
@@ -16,8 +18,9 @@ from rahatback_api.auth.models import (
     MePublic,
     OrganizationPublic,
 )
-from rahatback_api.db import SessionDep
+from rahatback_api.db import SessionDep, session_scope
 from rahatback_api.deps import SettingsDep
+from rahatback_api.errors import AppError
 
 router = APIRouter(prefix="/v1", tags=["auth"])
 
@@ -26,11 +29,48 @@ def _public(token: ApiToken) -> ApiTokenPublic:
     return ApiTokenPublic.model_validate(token, from_attributes=True)
 
 
-@router.post("/auth/login", response_model=LoginResponse)
-async def login(body: LoginRequest, session: SessionDep, settings: SettingsDep) -> LoginResponse:
-    token, plaintext = await service.login(
-        session, body.email, body.password, body.org_id, timedelta(hours=settings.login_token_hours)
-    )
+@router.post(
+    "/auth/login",
+    response_model=LoginResponse,
+    responses={
+        401: {"description": "wrong email or password"},
+        429: {"description": "too many failed logins: the `Retry-After` header says when to try again"},
+    },
+)
+async def login(
+    body: LoginRequest, request: Request, session: SessionDep, settings: SettingsDep
+) -> LoginResponse:
+    email = body.email.strip().lower()
+    ip = client_address(request.scope, request.app.state.trusted_proxies)
+    note_audit(request, details={"email": email})  # the email tried, never the password
+    until = await throttle.locked_until(session, email, ip)
+    if until is not None:
+        # refused before the password is even checked: a locked-out guesser learns nothing
+        note_audit(
+            request, action="login_locked", org_id=await service.organization_of(session, email, body.org_id)
+        )
+        seconds = throttle.retry_after_seconds(until)
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"too many failed logins: try again after {until:%Y-%m-%d %H:%M:%S} UTC "
+            f"(in {max(1, round(seconds / 60))} min)",
+            headers={"Retry-After": str(seconds)},
+        )
+    try:
+        token, plaintext = await service.login(
+            session, body.email, body.password, body.org_id, timedelta(hours=settings.login_token_hours)
+        )
+    except AppError as exc:
+        note_audit(
+            request, action="login_failed", org_id=await service.organization_of(session, email, body.org_id)
+        )
+        if exc.status_code == status.HTTP_401_UNAUTHORIZED:
+            # counted in a transaction of its own: the request's is rolled back with the error
+            async with session_scope(request.app.state.sessionmaker) as own:
+                await throttle.record_failure(own, email, ip, throttle.ThrottlePolicy.from_settings(settings))
+        raise
+    await throttle.reset_email(session, email)
+    note_audit(request, action="login", org_id=token.org_id, actor_user_id=token.user_id, token_id=token.id)
     assert token.expires_at is not None
     return LoginResponse(token=plaintext, expires_at=token.expires_at)
 

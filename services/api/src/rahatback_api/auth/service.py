@@ -113,6 +113,18 @@ async def login(
     )
 
 
+async def organization_of(session: AsyncSession, email: str, org_id: str | None) -> str | None:
+    """The organization a login attempt for `email` concerns (for the audit log), if any."""
+    query = (
+        select(Membership.org_id)
+        .join(User, User.id == Membership.user_id)  # type: ignore[arg-type]
+        .where(User.email == email.strip().lower())
+    )
+    if org_id is not None:
+        query = query.where(Membership.org_id == org_id)
+    return (await session.execute(query.order_by(col(Membership.created_at)).limit(1))).scalar_one_or_none()
+
+
 async def create_personal_token(
     session: AsyncSession, principal: Principal, name: str, scopes: list[str], expires_in_days: int
 ) -> tuple[ApiToken, str]:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from rahatback_api.auth.deps import AdminPrincipal, CurrentPrincipal, OperatorPrincipal
+from rahatback_api.auth.deps import AdminPrincipal, CurrentPrincipal
 from rahatback_api.databases import service
 from rahatback_api.databases.models import DatabaseCreate, DatabasePublic, DatabaseUpdate
 from rahatback_api.db import SessionDep
@@ -13,7 +13,7 @@ router = APIRouter(prefix="/v1/databases", tags=["databases"])
 
 @router.post("", response_model=DatabasePublic, status_code=status.HTTP_201_CREATED)
 async def create_database(
-    body: DatabaseCreate, principal: OperatorPrincipal, session: SessionDep, box: SecretBoxDep
+    body: DatabaseCreate, principal: AdminPrincipal, session: SessionDep, box: SecretBoxDep
 ) -> DatabasePublic:
     return service.database_public(await service.create_database(session, box, principal.org_id, body))
 
@@ -32,7 +32,7 @@ async def get_database(database_id: str, principal: CurrentPrincipal, session: S
 async def update_database(
     database_id: str,
     body: DatabaseUpdate,
-    principal: OperatorPrincipal,
+    principal: AdminPrincipal,
     session: SessionDep,
     box: SecretBoxDep,
 ) -> DatabasePublic:

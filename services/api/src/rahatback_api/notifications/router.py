@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from rahatback_api.auth.deps import AdminPrincipal, CurrentPrincipal, OperatorPrincipal
+from rahatback_api.auth.deps import AdminPrincipal, CurrentPrincipal
 from rahatback_api.db import SessionDep
 from rahatback_api.deps import SecretBoxDep, SettingsDep
 from rahatback_api.notifications import service
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1/notifications/channels", tags=["notifications"])
 @router.post("", response_model=NotificationChannelPublic, status_code=status.HTTP_201_CREATED)
 async def create_channel(
     body: NotificationChannelCreate,
-    principal: OperatorPrincipal,
+    principal: AdminPrincipal,
     session: SessionDep,
     box: SecretBoxDep,
     settings: SettingsDep,
@@ -43,7 +43,7 @@ async def get_channel(
 async def update_channel(
     channel_id: str,
     body: NotificationChannelUpdate,
-    principal: OperatorPrincipal,
+    principal: AdminPrincipal,
     session: SessionDep,
     box: SecretBoxDep,
 ) -> NotificationChannelPublic:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from rahatback_api.auth.deps import AdminPrincipal, CurrentPrincipal, OperatorPrincipal
+from rahatback_api.auth.deps import AdminPrincipal, CurrentPrincipal
 from rahatback_api.db import SessionDep
 from rahatback_api.deps import SecretBoxDep
 from rahatback_api.storages import service
@@ -13,7 +13,7 @@ router = APIRouter(prefix="/v1/storages", tags=["storages"])
 
 @router.post("", response_model=StoragePublic, status_code=status.HTTP_201_CREATED)
 async def create_storage(
-    body: StorageCreate, principal: OperatorPrincipal, session: SessionDep, box: SecretBoxDep
+    body: StorageCreate, principal: AdminPrincipal, session: SessionDep, box: SecretBoxDep
 ) -> StoragePublic:
     return service.storage_public(await service.create_storage(session, box, principal.org_id, body))
 
@@ -30,7 +30,7 @@ async def get_storage(storage_id: str, principal: CurrentPrincipal, session: Ses
 
 @router.patch("/{storage_id}", response_model=StoragePublic)
 async def update_storage(
-    storage_id: str, body: StorageUpdate, principal: OperatorPrincipal, session: SessionDep, box: SecretBoxDep
+    storage_id: str, body: StorageUpdate, principal: AdminPrincipal, session: SessionDep, box: SecretBoxDep
 ) -> StoragePublic:
     return service.storage_public(
         await service.update_storage(session, box, principal.org_id, storage_id, body)

@@ -1,0 +1,1 @@
+"""The people of an organization and their roles."""
