@@ -150,7 +150,8 @@ class AuditMiddleware:
         path_params: dict[str, Any] = scope.get("path_params", {})
         response = _json(response_body, len(response_body) <= BODY_LIMIT)
         response_fields = response if isinstance(response, dict) and 200 <= status_code < 300 else {}
-        result_id = next((str(response_fields[k]) for k in _RESULT_ID_KEYS if k in response_fields), None)
+        result_key = next((k for k in _RESULT_ID_KEYS if k in response_fields), None)
+        result_id = str(response_fields[result_key])[:200] if result_key else None
 
         target_type: str | None
         target_id: str | None
@@ -159,7 +160,8 @@ class AuditMiddleware:
             target_type, target_id = _kind(name), str(value)
         else:
             segments = [s for s in str(route.path).split("/") if s and not s.startswith("{")]
-            target_type, target_id = (_kind(segments[-1]) if segments else None), result_id
+            named = result_key if result_key not in (None, "id") else (segments[-1] if segments else None)
+            target_type, target_id = (_kind(named) if named else None), result_id
         details: dict[str, Any] = {}
         body = _json(request_body, len(request_body) <= BODY_LIMIT)
         if isinstance(body, dict):
