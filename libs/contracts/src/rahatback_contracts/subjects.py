@@ -53,9 +53,15 @@ def agent_inbox_prefix(agent_id: str) -> str:
     return f"_INBOX.{_checked(agent_id)}"
 
 
+def agent_credentials_renew(agent_id: str) -> str:
+    """Request/reply: the agent asks the API for a fresh NATS user JWT (JWT mode only)."""
+    return f"agent.{_checked(agent_id)}.credentials.renew"
+
+
 ALL_PROGRESS = "agent.*.progress"
 ALL_HEARTBEATS = "agent.*.heartbeat"
 ALL_REPORTS = "agent.*.report.>"
+ALL_CREDENTIAL_RENEWALS = "agent.*.credentials.renew"
 
 BACKUP_REQUESTED = "backup.requested"
 VERIFY_REQUESTED = "verify.requested"

@@ -169,6 +169,9 @@ class Notifier:
         return await nats.connect(
             servers=[self.settings.nats_url],
             name="rahatback-notifier",
+            # JWT mode: its own user, replies in its own inbox (docs/nats-security.md)
+            user_credentials=str(self.settings.nats_creds) if self.settings.nats_creds else None,
+            inbox_prefix="_INBOX.notifier" if self.settings.nats_creds else "_INBOX",
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             error_cb=on_error,

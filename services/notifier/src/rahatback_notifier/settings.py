@@ -23,6 +23,9 @@ class NotifierSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAHATBACK_NOTIFIER_", extra="ignore")
 
     nats_url: str = "nats://127.0.0.1:4222"
+    # operator/JWT mode: this service's NATS user (creds/notifier.creds from `rahatback-api nats-setup`,
+    # docs/nats-security.md); unset: plain NATS
+    nats_creds: Path | None = None
     # replicas of EVENTS, DEAD_LETTERS and the bucket if the notifier is the first to create them
     stream_replicas: int = Field(default=1, ge=1, le=5)
     # X25519 key the API seals webhook/Slack URLs and signing secrets to: base64 of the 32 raw bytes,

@@ -128,6 +128,9 @@ class Scheduler:
             nats.connect(
                 servers=[self._settings.nats_url],
                 name="rahatback-scheduler",
+                # JWT mode: its own user, replies in its own inbox (docs/nats-security.md)
+                user_credentials=str(self._settings.nats_creds) if self._settings.nats_creds else None,
+                inbox_prefix="_INBOX.scheduler" if self._settings.nats_creds else "_INBOX",
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=1,
                 error_cb=on_error,

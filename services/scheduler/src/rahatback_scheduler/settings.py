@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -12,6 +13,9 @@ class SchedulerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAHATBACK_SCHEDULER_", extra="ignore")
 
     nats_url: str = "nats://127.0.0.1:4222"
+    # operator/JWT mode: this service's NATS user (creds/scheduler.creds from `rahatback-api nats-setup`,
+    # docs/nats-security.md); unset: plain NATS
+    nats_creds: Path | None = None
     # replicas of CONTROL and the buckets if the scheduler is the first to create them
     stream_replicas: int = Field(default=1, ge=1, le=5)
     # a fire found due at most this long ago (after downtime or an outage) still runs; older ones are

@@ -41,6 +41,10 @@ class Agent(SQLModel, table=True):
     last_seen_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     enrolled_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # operator/JWT mode (docs/nats-security.md): the agent's NATS user public key (`U…`, its seed
+    # never leaves the agent) and when the last user JWT minted for it expires
+    nats_public_key: str | None = Field(default=None, max_length=56)
+    nats_jwt_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class EnrollmentTokenCreate(BaseModel):

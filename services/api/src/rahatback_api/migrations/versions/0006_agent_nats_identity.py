@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
+from alembic import op
+from rahatback_api.columns import UTCDateTime
+
 revision: str = "0006"
 down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
@@ -16,8 +20,12 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    pass
+    with op.batch_alter_table("agents", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("nats_public_key", sa.String(length=56), nullable=True))
+        batch_op.add_column(sa.Column("nats_jwt_expires_at", UTCDateTime(), nullable=True))
 
 
 def downgrade() -> None:
-    pass
+    with op.batch_alter_table("agents", schema=None) as batch_op:
+        batch_op.drop_column("nats_jwt_expires_at")
+        batch_op.drop_column("nats_public_key")
