@@ -8,11 +8,13 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -21,7 +23,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from rahatback_agent.identity import AgentIdentity, generate_private_key, private_key_b64, save_identity
 from rahatback_agent.settings import AgentSettings
 from rahatback_agent.supervisor import Supervisor
-from rahatback_contracts import streams, subjects
+from rahatback_contracts import signing, streams, subjects
 from rahatback_contracts.messages import Message
 
 from tests.servers import NatsServer
@@ -58,6 +60,16 @@ async def create_agent_consumer(js: JetStreamContext, agent_id: str) -> None:
     )
 
 
+# the API's command-signing key in these tests: every identity pins its public half, and the
+# harness signs what it sends like the API does (docs/security.md "Signed commands")
+API_SIGNING_KEY = Ed25519PrivateKey.generate()
+API_SIGNING_KEY_ID = "test-api-1"
+
+
+def signed(subject: str, body: bytes) -> dict[str, str]:
+    return signing.signature_headers(API_SIGNING_KEY, API_SIGNING_KEY_ID, subject, body)
+
+
 def make_identity(nats_url: str) -> AgentIdentity:
     return AgentIdentity(
         agent_id=uuid.uuid4().hex,
@@ -66,6 +78,8 @@ def make_identity(nats_url: str) -> AgentIdentity:
         api_url="http://127.0.0.1:9",
         name="test-agent",
         x25519_private_key_b64=private_key_b64(generate_private_key()),
+        command_key_id=API_SIGNING_KEY_ID,
+        command_public_key_b64=signing.encode_public_key(API_SIGNING_KEY.public_key()),
     )
 
 
@@ -156,14 +170,19 @@ class AgentHarness:
         return self.identity.public_key_b64
 
     async def send_command(self, kind: subjects.CommandKind, command: Message) -> None:
-        await self.js.publish(subjects.agent_command(self.agent_id, kind), command.to_bytes())
+        """Publish a command signed like the API signs it."""
+        subject, body = subjects.agent_command(self.agent_id, kind), command.to_bytes()
+        await self.js.publish(subject, body, headers=signed(subject, body))
 
     async def request(self, name: str, request: Message, within: float = 30.0) -> dict[str, Any]:
-        reply = await self.nc.request(
-            subjects.agent_rpc(self.agent_id, name),  # type: ignore[arg-type]
-            request.to_bytes(),
-            timeout=within,
-        )
+        """An RPC signed like the API signs it, with an expiry if the request has none."""
+        if getattr(request, "expires_at", "absent") is None:
+            issued = datetime.now(UTC)
+            request = request.model_copy(
+                update={"issued_at": issued, "expires_at": issued + timedelta(seconds=within + 30)}
+            )
+        subject, body = subjects.agent_rpc(self.agent_id, name), request.to_bytes()  # type: ignore[arg-type]
+        reply = await self.nc.request(subject, body, timeout=within, headers=signed(subject, body))
         result: dict[str, Any] = json.loads(reply.data)
         return result
 

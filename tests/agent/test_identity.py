@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rahatback_agent.identity import IdentityError, load_identity
 from rahatback_agent.main import main
@@ -21,6 +22,8 @@ from rahatback_agent.sealing import open_sealed
 from rahatback_contracts.sealing import seal
 
 VALID_TOKEN = "enroll-token-" + "a" * 20
+# the API's command-signing public key (docs/security.md "Signed commands"): the agent pins it
+API_COMMAND_KEY = base64.b64encode(Ed25519PrivateKey.generate().public_key().public_bytes_raw()).decode()
 
 
 class FakeEnrollApi(BaseHTTPRequestHandler):
@@ -39,7 +42,13 @@ class FakeEnrollApi(BaseHTTPRequestHandler):
             return
         self._send(
             201,
-            {"agent_id": uuid.uuid4().hex, "org_id": uuid.uuid4().hex, "nats_url": "nats://127.0.0.1:4222"},
+            {
+                "agent_id": uuid.uuid4().hex,
+                "org_id": uuid.uuid4().hex,
+                "nats_url": "nats://127.0.0.1:4222",
+                "command_signing_key_id": "c1",
+                "command_signing_public_key": API_COMMAND_KEY,
+            },
         )
 
     def _send(self, status: int, body: dict[str, Any]) -> None:
@@ -93,6 +102,7 @@ def test_enroll_writes_a_private_identity_that_opens_secrets_sealed_to_it(
     assert identity.api_url == api_url
     assert identity.nats_url == "nats://127.0.0.1:4222"
     assert len(identity.agent_id) == 32
+    assert (identity.command_key_id, identity.command_public_key_b64) == ("c1", API_COMMAND_KEY)
 
     sent = FakeEnrollApi.received[-1]
     assert set(sent) >= {"token", "name", "hostname", "version", "x25519_public_key", "engines", "storages"}

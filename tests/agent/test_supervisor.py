@@ -50,6 +50,7 @@ from tests.agent.conftest import (
     ensure_streams,
     make_identity,
     running_agent,
+    signed,
 )
 from tests.servers import NatsServer, PostgresServer, free_port, start_nats
 
@@ -228,9 +229,10 @@ async def test_db_test_rpc_right_and_wrong_password(
         assert replayed["ok"] is False
         assert "bound to" in replayed["error"], replayed
 
-        # garbage gets a clear answer too
+        # garbage gets a clear answer too, even correctly signed
+        subject = subjects.agent_rpc(agent.agent_id, "db.test")
         reply = await agent.nc.request(
-            subjects.agent_rpc(agent.agent_id, "db.test"), b"{not json", timeout=10
+            subject, b"{not json", timeout=10, headers=signed(subject, b"{not json")
         )
         assert json.loads(reply.data)["ok"] is False
 
@@ -425,8 +427,9 @@ async def test_cancel_before_start_and_poison_command(
 ) -> None:
     source = new_db(postgres, SCHEMA)
     async with running_agent(nats_server, api_nc, tmp_path) as agent:
-        # a poison message is terminated, and the agent keeps working
-        await agent.js.publish(subjects.agent_command(agent.agent_id, "job.execute"), b"{broken")
+        # a poison message (correctly signed) is terminated, and the agent keeps working
+        subject = subjects.agent_command(agent.agent_id, "job.execute")
+        await agent.js.publish(subject, b"{broken", headers=signed(subject, b"{broken"))
         command = backup_command(agent, postgres, source, secrets.token_bytes(32))
         cancel = CancelCommand(
             command_id=uuid.uuid4().hex,
@@ -551,7 +554,7 @@ async def test_reports_wait_for_jetstream_and_are_not_lost(tmp_path: Path) -> No
                 command_id=uuid.uuid4().hex,
                 org_id=agent.identity.org_id,
                 issued_at=now(),
-                expires_at=now() - timedelta(seconds=1),
+                expires_at=now() - timedelta(hours=1),  # well past the allowed clock skew
                 run_id=uuid.uuid4().hex,
                 job_id="j",
                 database=DatabaseTarget(name="d", engine="postgresql", settings={}),
@@ -562,8 +565,12 @@ async def test_reports_wait_for_jetstream_and_are_not_lost(tmp_path: Path) -> No
             await asyncio.sleep(2.0)  # several failed attempts
             await ensure_streams(js)
             await agent.reports.start()
-            failed = await agent.reports.outcome("backup", "failed", "run_id", expired.run_id, within=30)
-            assert "expired" in failed["error"]
+            # an expired command is refused (docs/security.md), and the refusal is a report like any
+            refused_on = subjects.agent_command_refused(agent.agent_id)
+            _, refused = await agent.reports.wait_for(
+                lambda s, b: s == refused_on and b.get("command_id") == expired.command_id, within=30
+            )
+            assert refused["reason"] == "expired" and refused["run_id"] == expired.run_id
             await asyncio.sleep(1.0)
             copies = [b for s, b in agent.reports.received if b.get("run_id") == expired.run_id]
             assert len(copies) == 1, copies

@@ -59,7 +59,7 @@ from rahatback_contracts.messages import (
 )
 from rahatback_contracts.sealing import seal
 
-from tests.agent.conftest import AgentHarness, create_agent_consumer, make_identity, running_agent
+from tests.agent.conftest import AgentHarness, create_agent_consumer, make_identity, running_agent, signed
 from tests.servers import MariaDBServer, MotoServer, NatsServer, PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -1099,9 +1099,8 @@ async def test_a_killed_agent_drops_its_scratch_database_at_its_next_start(
         stderr=subprocess.DEVNULL,
     )
     try:
-        await api_nc.jetstream().publish(
-            subjects.agent_command(identity.agent_id, "verify.execute"), command.to_bytes()
-        )
+        subject, body = subjects.agent_command(identity.agent_id, "verify.execute"), command.to_bytes()
+        await api_nc.jetstream().publish(subject, body, headers=signed(subject, body))
         for _ in range(600):
             if scratch in pg_scratch(postgres):
                 break

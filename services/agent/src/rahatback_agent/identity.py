@@ -31,6 +31,10 @@ class AgentIdentity(BaseModel):
     api_url: str
     name: str
     x25519_private_key_b64: str
+    # the API's command-signing key, pinned at enrollment (docs/security.md "Signed commands");
+    # None only in identities enrolled before commands were signed: such an agent refuses to start
+    command_key_id: str | None = None
+    command_public_key_b64: str | None = None
 
     def __repr__(self) -> str:  # keep the private key out of tracebacks and logs
         return f"AgentIdentity(agent_id={self.agent_id!r}, org_id={self.org_id!r}, name={self.name!r})"

@@ -14,8 +14,10 @@ from typing import Any
 
 import httpx
 import structlog
+from rahatback_contracts.signing import decode_public_key
 
 from . import __version__
+from .command_auth import CommandAuth, CommandAuthError
 from .identity import (
     AgentIdentity,
     IdentityError,
@@ -91,6 +93,14 @@ def enroll(
         return 1
     try:
         data = response.json()
+        if "command_signing_public_key" not in data:
+            print(
+                f"error: the API at {api_url} does not sign its commands (it predates signed commands); "
+                "upgrade it before enrolling this agent",
+                file=sys.stderr,
+            )
+            return 1
+        decode_public_key(data["command_signing_public_key"])  # pinned below: it must be usable
         identity = AgentIdentity(
             agent_id=data["agent_id"],
             org_id=data["org_id"],
@@ -98,6 +108,8 @@ def enroll(
             api_url=api_url.rstrip("/"),
             name=agent_name,
             x25519_private_key_b64=private_key_b64(key),
+            command_key_id=data["command_signing_key_id"],
+            command_public_key_b64=data["command_signing_public_key"],
         )
     except (ValueError, KeyError, TypeError) as exc:
         print(f"error: unexpected enrollment answer from the API: {exc}", file=sys.stderr)
@@ -213,6 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             identity = load_identity(settings.config)
         except IdentityError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        try:  # an identity without a pinned command-signing key cannot tell real commands from forged ones
+            CommandAuth.for_identity(
+                identity,
+                settings.config,
+                clock_skew_seconds=settings.command_clock_skew_seconds,
+                max_entries=settings.replay_cache_max_entries,
+            )
+        except CommandAuthError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         configure_logging(settings.log_format, settings.log_level)

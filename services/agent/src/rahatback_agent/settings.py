@@ -43,6 +43,10 @@ class AgentSettings(BaseSettings):
     # unless asked). Bound to metrics_host, loopback by default.
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    # signed commands (docs/security.md): how far the agent's clock may trail the API's before a
+    # command counts as expired, and how many accepted command ids the replay cache keeps
+    command_clock_skew_seconds: float = Field(default=300.0, ge=0)
+    replay_cache_max_entries: int = Field(default=10_000, ge=100)
     # customer-held backup keys (docs/backup-keys.md): the keyring file (default: agent.keys.json
     # next to the identity), one extra key file, and a command printing the key for a key id
     keyring: Path | None = None

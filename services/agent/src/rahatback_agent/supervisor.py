@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from rahatback_contracts.messages import (
     BackupFailed,
     BackupStarted,
     CancelCommand,
+    CommandRefused,
     DbTestReply,
     DbTestRequest,
     Heartbeat,
@@ -48,6 +50,7 @@ from rahatback_contracts.messages import (
 )
 
 from . import __version__, jobs, metrics, tools, verification
+from .command_auth import CommandAuth, CommandRefusal, describe_body
 from .identity import AgentIdentity
 from .keyring import Keyring
 from .scratch_registry import ScratchRegistry
@@ -57,7 +60,6 @@ log = structlog.get_logger("rahatback_agent.supervisor")
 
 CANCELLED_BY_USER = "cancelled by user"
 SHUTTING_DOWN = "agent shutting down"
-EXPIRED = "command expired before the agent picked it up"
 # after the drain deadline, how long reports of cancelled jobs may take to reach JetStream
 REPORT_GRACE_SECONDS = 30.0
 REPORT_RETRY_CAP_SECONDS = 15.0
@@ -79,6 +81,14 @@ class RunningJob:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _stream_seq(msg: Msg) -> int | None:
+    """The command's sequence in AGENT_COMMANDS: the same on a redelivery, new on a replay."""
+    try:
+        return int(msg.metadata.sequence.stream)
+    except Exception:  # not a JetStream message
+        return None
 
 
 class Supervisor:
@@ -106,6 +116,13 @@ class Supervisor:
         self._engines = jobs.supported_engines()
         self._storages = jobs.supported_storages()
         self._scratch_registry = ScratchRegistry.beside(settings.config)
+        # signature, expiry and replay checks of everything the API sends (CommandAuthError if unpinned)
+        self._auth = CommandAuth.for_identity(
+            identity,
+            settings.config,
+            clock_skew_seconds=settings.command_clock_skew_seconds,
+            max_entries=settings.replay_cache_max_entries,
+        )
         self._keyring = Keyring.from_settings(settings)  # customer-held backup keys
         self.log = log.bind(agent_id=self.agent_id)
 
@@ -290,6 +307,11 @@ class Supervisor:
         # one slow database must not hold up the next request: answer each in its own task
         async def answer() -> None:
             try:
+                self._auth.check_request(msg.subject, msg.data, msg.headers)
+            except CommandRefusal as refusal:
+                await self._refuse_request(msg, refusal)
+                return
+            try:
                 body = await handler(msg)
             except Exception as exc:  # a bug must still produce an answer, never a silent timeout
                 self.log.exception("rpc handler crashed", subject=msg.subject)
@@ -382,10 +404,15 @@ class Supervisor:
                     self.log.exception("command handling crashed", subject=msg.subject)
 
     async def _handle_command(self, msg: Msg, stop: asyncio.Event) -> None:
+        try:
+            self._auth.check_signature(msg.subject, msg.data, msg.headers)
+        except CommandRefusal as refusal:
+            await self._refuse(msg, refusal, stop)
+            return
         prefix = f"agent.{self.agent_id}."
         suffix = msg.subject[len(prefix) :] if msg.subject.startswith(prefix) else ""
         if suffix == "prune.execute":
-            await self._prune(msg)
+            await self._prune(msg, stop)
             return
         model: type[BackupCommand] | type[RestoreCommand] | type[VerifyCommand] | type[CancelCommand]
         if suffix == "job.execute":
@@ -409,7 +436,10 @@ class Supervisor:
             await msg.term()
             return
 
+        if not await self._fresh(msg, command.command_id, command.expires_at, stop):
+            return
         if isinstance(command, CancelCommand):
+            self._auth.accept(command.command_id, command.expires_at, _stream_seq(msg))
             self._cancel(command.run_id)
             await msg.ack()
             return
@@ -420,17 +450,13 @@ class Supervisor:
             bound.warning("command redelivered for a run this agent already started; not running it twice")
             await msg.ack()
             return
-        if command.expires_at < _now():
-            bound.warning("command expired; reporting it failed")
-            if await self._publish_report(kind, self._failure(kind, run_id, EXPIRED, "queued"), give_up=stop):
-                await msg.ack()
-            return
         if run_id in self._cancelled:
             self._cancelled.discard(run_id)
             bound.info("command was cancelled before it started")
             if await self._publish_report(
                 kind, self._failure(kind, run_id, CANCELLED_BY_USER, "queued"), give_up=stop
             ):
+                self._auth.accept(command.command_id, command.expires_at, _stream_seq(msg))
                 await msg.ack()
             return
 
@@ -453,7 +479,8 @@ class Supervisor:
                 await msg.nak()
             return
         # acked only once `started` is stored: a crash after this is the API's stall watchdog's business;
-        # a half-done backup is never run again
+        # a half-done backup is never run again (the replay cache turns a redelivery away)
+        self._auth.accept(command.command_id, command.expires_at, _stream_seq(msg))
         await msg.ack()
         self._start(kind, run_id, command)
         bound.info("command started", kind=kind)
@@ -466,7 +493,7 @@ class Supervisor:
             return command.verify_id, "verify"
         return command.restore_id, "restore"
 
-    async def _prune(self, msg: Msg) -> None:
+    async def _prune(self, msg: Msg, stop: asyncio.Event) -> None:
         """Retention deletes are short and idempotent: done inline, acked once the report is stored."""
         try:
             command = PruneCommand.model_validate_json(msg.data)
@@ -474,15 +501,74 @@ class Supervisor:
             self.log.error("unparseable prune command; terminating it", errors=exc.error_count())
             await msg.term()
             return
-        report: PruneCompleted | PruneFailed
-        if command.expires_at < _now():
-            report = PruneFailed(
-                agent_id=self.agent_id, occurred_at=_now(), prune_id=command.prune_id, error=EXPIRED
-            )
-        else:
-            report = await jobs.run_prune(command, agent_id=self.agent_id, private_key=self._private_key)
+        if not await self._fresh(msg, command.command_id, command.expires_at, stop):
+            return
+        # an expired prune was refused by _fresh (the API then leaves its copies for the next one)
+        report = await jobs.run_prune(command, agent_id=self.agent_id, private_key=self._private_key)
         if await self._publish_report("prune", report):
+            # remembered only now: a prune cut short by a crash runs again (deleting is idempotent)
+            self._auth.accept(command.command_id, command.expires_at, _stream_seq(msg))
             await msg.ack()
+
+    # ------------------------------------------------------------ refusals (docs/security.md)
+
+    async def _fresh(self, msg: Msg, command_id: str, expires_at: datetime, stop: asyncio.Event) -> bool:
+        """Expiry and replay of a correctly signed command; False when the message is settled here."""
+        try:
+            verdict = self._auth.check_fresh(command_id, expires_at, _stream_seq(msg))
+        except CommandRefusal as refusal:
+            await self._refuse(msg, refusal, stop)
+            return False
+        if verdict == "redelivered":
+            self.log.warning(
+                "command redelivered after this agent accepted it; not running it twice",
+                subject=msg.subject,
+                command_id=command_id,
+            )
+            await msg.ack()
+            return False
+        return True
+
+    def _refusal(self, msg: Msg, refusal: CommandRefusal) -> CommandRefused:
+        facts = describe_body(msg.subject, msg.data)
+        self.log.warning(
+            "command refused; running nothing",
+            subject=msg.subject,
+            reason=refusal.reason,
+            detail=refusal.detail,
+            command_id=facts.command_id,
+            run_id=facts.run_id,
+        )
+        return CommandRefused(
+            agent_id=self.agent_id,
+            occurred_at=_now(),
+            subject=msg.subject,
+            reason=refusal.reason,
+            detail=refusal.detail,
+            command_id=facts.command_id,
+            run_kind=facts.run_kind,
+            run_id=facts.run_id,
+        )
+
+    async def _refuse(self, msg: Msg, refusal: CommandRefusal, stop: asyncio.Event) -> None:
+        """Report the refusal durably, then terminate the command (never redelivered, never run)."""
+        report = self._refusal(msg, refusal)
+        seq = _stream_seq(msg)
+        if await self._publish_refusal(report, f"refused:{seq}:{refusal.reason}", give_up=stop):
+            await msg.term()
+        else:  # stopping: the command comes back at the next start and is refused then
+            with contextlib.suppress(Exception):
+                await msg.nak()
+
+    async def _refuse_request(self, msg: Msg, refusal: CommandRefusal) -> None:
+        report = self._refusal(msg, refusal)
+        if msg.reply:
+            reply = DbTestReply(  # its fields are common to every RPC reply
+                ok=False, error_code="refused", error=f"the agent refused this request: {refusal.detail}"
+            )
+            with contextlib.suppress(Exception):
+                await msg.respond(reply.to_bytes())
+        await self._publish_refusal(report, f"refused:rpc:{uuid.uuid4().hex}", give_up=self._closing)
 
     async def _wait_for_slot(self, msg: Msg, stop: asyncio.Event) -> bool:
         last_touch = time.monotonic()
@@ -623,7 +709,19 @@ class Supervisor:
         else:
             raise TypeError(f"not a run report: {type(report).__name__}")
         subject = subjects.agent_report(self.agent_id, kind, outcome)
-        headers = {"Nats-Msg-Id": f"{run_id}:{outcome}"}
+        return await self._store(subject, report, f"{run_id}:{outcome}", run_id, give_up)
+
+    async def _publish_refusal(
+        self, report: CommandRefused, msg_id: str, *, give_up: asyncio.Event | None = None
+    ) -> bool:
+        subject = subjects.agent_command_refused(self.agent_id)
+        return await self._store(subject, report, msg_id, report.command_id or "?", give_up)
+
+    async def _store(
+        self, subject: str, report: Report, msg_id: str, run_id: str, give_up: asyncio.Event | None
+    ) -> bool:
+        assert self._js is not None
+        headers = {"Nats-Msg-Id": msg_id}
         body = report.to_bytes()
         delay = 0.25
         while True:
