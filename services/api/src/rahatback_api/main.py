@@ -25,6 +25,7 @@ from rahatback_api.context import APP_CONTEXT, AppContext
 from rahatback_api.databases.router import router as databases_router
 from rahatback_api.db import create_engine, create_sessionmaker, run_migrations, session_scope
 from rahatback_api.errors import AppError, install_error_handlers
+from rahatback_api.keys.router import router as keys_router
 from rahatback_api.logs import configure_logging
 from rahatback_api.members.router import router as members_router
 from rahatback_api.metrics import install_metrics
@@ -55,6 +56,7 @@ ROUTERS: list[APIRouter] = [
     databases_router,
     storages_router,
     backups_router,
+    keys_router,
     operations_router,
     notifications_router,
     verification_router,

@@ -17,6 +17,7 @@ from rahatback_api.backups.models import (
     VerifyRun,
 )
 from rahatback_api.databases.models import Database
+from rahatback_api.keys.models import CustomerKey, CustomerKeyHolder
 from rahatback_api.notifications.models import NotificationChannel
 from rahatback_api.outbox.models import OutboxMessage, ProcessedMessage
 from rahatback_api.storages.models import Storage
@@ -31,6 +32,8 @@ __all__ = [
     "BackupJob",
     "BackupKey",
     "BackupRun",
+    "CustomerKey",
+    "CustomerKeyHolder",
     "Database",
     "EnrollmentToken",
     "LoginThrottle",

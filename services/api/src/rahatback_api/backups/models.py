@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from pydantic import Field as PydanticField
 from sqlalchemy import JSON, BigInteger, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from rahatback_api.backups.schedule import check_cron, check_timezone
 from rahatback_api.columns import ID_LENGTH, UTCDateTime, new_id, utcnow
+from rahatback_api.keys.models import KeyCustody
 
 Compression = Literal["zstd", "gzip", "none"]
 # skipped: a scheduled fire found the job still running; missed: the scheduler was down at fire time
@@ -45,6 +46,8 @@ class BackupJob(SQLModel, table=True):
     compression_level: int | None = None
     encryption_enabled: bool = True
     key_id: str = Field(max_length=80)  # f"{job id}:{generation}"
+    # "customer": key_id names a key kept only in the agent's keyring (rahatback_api.keys)
+    key_custody: str = Field(default="managed", max_length=16)
     # the 32-byte job key under the master key (SecretBox, AAD f"job-key:{job id}")
     cron: str | None = Field(default=None, max_length=120)
     timezone: str = Field(default="UTC", max_length=64)
@@ -137,6 +140,7 @@ class BackupRun(SQLModel, table=True):
     compression: str | None = Field(default=None, max_length=8)
     encrypted: bool = True
     key_id: str | None = Field(default=None, max_length=80)
+    key_custody: str | None = Field(default=None, max_length=16)  # managed | customer; None: unencrypted
     server_version: str | None = Field(default=None, max_length=255)
     dump_format: str | None = Field(default=None, max_length=32)
     agent_version: str | None = Field(default=None, max_length=64)
@@ -307,6 +311,9 @@ class BackupJobCreate(_ScheduleFields):
     compression: Compression = "zstd"
     compression_level: int | None = None  # default depends on compression
     encryption_enabled: bool = True
+    # customer: the key stays on the job's agent (`rahatback-agent keys create`), docs/backup-keys.md
+    key_custody: KeyCustody = "managed"
+    customer_key_id: str | None = PydanticField(default=None, min_length=1, max_length=80)
     cron: str | None = None
     timezone: str = "UTC"
     enabled: bool = True
@@ -343,6 +350,13 @@ class BackupJobPublic(BaseModel):
     compression_level: int | None
     encryption_enabled: bool
     key_id: str
+    key_custody: KeyCustody = "managed"
+    customer_key_id: str | None = None  # = key_id when the key is customer-held
+
+    @model_validator(mode="after")
+    def _customer_key_id(self) -> BackupJobPublic:
+        self.customer_key_id = self.key_id if self.key_custody == "customer" else None
+        return self
     cron: str | None
     timezone: str
     enabled: bool
@@ -389,6 +403,7 @@ class BackupRunPublic(BaseModel):
     compression: str | None
     encrypted: bool
     key_id: str | None
+    key_custody: str | None = None
     server_version: str | None
     dump_format: str | None
     agent_version: str | None

@@ -34,6 +34,7 @@ from rahatback_api.columns import new_id, utcnow
 from rahatback_api.databases.models import Database
 from rahatback_api.databases.service import get_database
 from rahatback_api.errors import AppError, Conflict, NotFound
+from rahatback_api.keys.custody import check_job_customer_key
 from rahatback_api.scheduling.kv import enqueue_schedule
 from rahatback_api.security.secretbox import SecretBox
 from rahatback_api.settings_schemas import invalid_field
@@ -159,7 +160,13 @@ async def create_job(session: AsyncSession, box: SecretBox, org_id: str, data: B
     )
     _set_retention(job, data.retention)
     job.verify_cron, job.verify_level = data.verify_cron, data.verify_level
-    new_backup_key(session, box, job)
+    if data.key_custody == "customer":  # the key stays on the agent: nothing to generate here
+        job.key_id = (await check_job_customer_key(session, job, data.customer_key_id)).key_id
+        job.key_custody = "customer"
+    elif data.customer_key_id is not None:
+        raise AppError("customer_key_id is only for key_custody 'customer'", 422, field="customer_key_id")
+    else:
+        new_backup_key(session, box, job)
     session.add(job)
     if job.cron is not None or job.verify_cron is not None:
         enqueue_schedule(session, job)

@@ -21,6 +21,7 @@ from rahatback_api.backups.service import load_backup_key
 from rahatback_api.columns import new_id, utcnow
 from rahatback_api.databases.service import database_secrets
 from rahatback_api.errors import AppError, Conflict
+from rahatback_api.keys.custody import customer_encryption, is_customer_key_id, record_held_keys
 from rahatback_api.messaging.bus import AgentOffline, AgentTimeout, Bus, BusUnavailable
 from rahatback_api.messaging.outbox import enqueue
 from rahatback_api.models import (
@@ -239,6 +240,8 @@ def command_envelope(org_id: str) -> dict[str, Any]:
 async def sealed_key(
     session: AsyncSession, box: SecretBox, agent: Agent, org_id: str, key_id: str, info: str
 ) -> m.EncryptionSpec:
+    if is_customer_key_id(key_id):  # only the agent holds it: the command names it, 409 if not held
+        return await customer_encryption(session, agent, org_id, key_id, info)
     key = await load_backup_key(session, box, org_id, key_id)
     job_key = seal(agent.x25519_public_key, {"key_b64": _b64(key)}, info)
     return m.EncryptionSpec(enabled=True, key_id=key_id, job_key=job_key)
@@ -278,6 +281,7 @@ async def start_backup(
         compression=job.compression,
         encrypted=job.encryption_enabled,
         key_id=job.key_id if job.encryption_enabled else None,
+        key_custody=job.key_custody if job.encryption_enabled else None,
         stage="queued",
         bytes_done=0,
     )
@@ -547,6 +551,7 @@ async def record_heartbeat(
     agent.storages = list(heartbeat.storages)
     if agent.tools != heartbeat.tools:
         agent.tools = dict(heartbeat.tools)
+    await record_held_keys(session, agent, heartbeat.keys)
     if not was_online:
         await _enqueue_presence(session, agent, online=True, since=previously_seen or agent.last_seen_at)
     # A run the agent lists is alive even when no bytes move (psql building an index, pg_dump
