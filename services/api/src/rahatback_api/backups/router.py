@@ -13,6 +13,7 @@ from rahatback_api.backups.models import (
     BackupJobCreate,
     BackupJobPublic,
     BackupJobUpdate,
+    BackupKey,
     BackupKeyExport,
     BackupRunPublic,
     Page,
@@ -21,6 +22,7 @@ from rahatback_api.backups.models import (
 )
 from rahatback_api.db import SessionDep
 from rahatback_api.deps import SecretBoxDep
+from rahatback_api.errors import NotFound
 from rahatback_api.keys.service import refuse_customer_export
 
 log = structlog.get_logger(__name__)
@@ -116,6 +118,9 @@ async def export_key(
     Admins only, on purpose with POST: whoever holds this key can read every backup made with it.
     """
     await refuse_customer_export(session, principal.org_id, key_id)
+    stored = await session.get(BackupKey, key_id)
+    if stored is None or stored.org_id != principal.org_id:
+        raise NotFound("backup key")  # another organization's key is as absent as an unknown one
     key = await service.load_backup_key(session, box, principal.org_id, key_id)
     log.warning("backup key exported", key_id=key_id, user_id=principal.user.id, org_id=principal.org_id)
     return BackupKeyExport(key_id=key_id, key_b64=base64.b64encode(key).decode())
