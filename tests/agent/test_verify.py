@@ -35,8 +35,9 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from rahatback_agent import jobs, verification
-from rahatback_agent.engines.base import Connection, ScratchDatabases
+from rahatback_agent.engines.base import Connection, ScratchDatabases, TableCounts
 from rahatback_agent.engines.mysql import DumpRowCounter
+from rahatback_agent.engines.postgresql import CopyRowCounter, PostgreSQLEngine
 from rahatback_agent.engines.registry import get_engine
 from rahatback_agent.identity import generate_private_key, public_key_b64, save_identity
 from rahatback_agent.pipeline import Manifest, restore_stream
@@ -229,6 +230,10 @@ CREATE UNLOGGED TABLE cache (k text);
 INSERT INTO cache VALUES ('a'), ('b'), ('c');
 CREATE MATERIALIZED VIEW customer_count AS SELECT count(*) FROM customers;
 CREATE VIEW big_orders AS SELECT * FROM sales."Orders" WHERE amount > 100;
+-- values that look like the end of a COPY section, in a table whose name needs quoting
+CREATE TABLE sales."Odd""Name(x)" (v text);
+INSERT INTO sales."Odd""Name(x)" VALUES ('\\.'), ('a' || chr(10) || '\\.' || chr(10) || 'b'), (''), ('\\'),
+    ('COPY x FROM stdin;');
 """
 
 PG_COUNTS = {
@@ -238,6 +243,7 @@ PG_COUNTS = {
     "public.events_2025": 213,  # 2025-06-02 .. 2025-12-31
     "public.events_2026": 87,
     "public.cache": 3,
+    'sales."Odd""Name(x)"': 5,
 }
 
 
@@ -301,6 +307,32 @@ def copy_rows(dump: bytes, table: bytes) -> int:
     start = dump.index(b"\nCOPY " + table + b" ")
     body = dump[dump.index(b"\n", start + 1) + 1 : dump.index(b"\n\\.\n", start)]
     return 0 if not body else body.count(b"\n") + 1
+
+
+async def test_postgresql_counter_reads_any_split_and_skips_what_it_is_told(
+    postgres: PostgresServer, pg_source: str
+) -> None:
+    conn = Connection(
+        settings={"host": postgres.host, "port": postgres.port, "user": postgres.user, "database": pg_source},
+        secrets={"password": postgres.password},
+    )
+    counts = TableCounts()
+    async with PostgreSQLEngine().dump(conn, counts) as chunks:
+        dump = b"".join([chunk async for chunk in chunks])
+    assert counts.tables == PG_COUNTS
+    # fed in pieces cut anywhere (inside `\\.`, COPY lines, rows), it counts the same
+    for size in (1, 2, 3, 5, 7, 64, 4093):
+        counter = CopyRowCounter()
+        for start in range(0, len(dump), size):
+            counter.feed(dump[start : start + size])
+        assert counter.result() == PG_COUNTS, size
+    skipping = CopyRowCounter(skip=frozenset({"public.cache"}))
+    skipping.feed(dump)
+    assert skipping.result() == {k: v for k, v in PG_COUNTS.items() if k != "public.cache"}
+    # a dump cut inside a table's rows gets no counts rather than wrong ones
+    cut = CopyRowCounter()
+    cut.feed(dump[: dump.index(b"\nCOPY public.customers ") + 500])
+    assert cut.result() is None
 
 
 async def test_postgresql_counts_come_from_the_dumps_own_snapshot_while_rows_pour_in(
@@ -509,7 +541,8 @@ async def test_postgresql_test_restore_names_the_table_with_fewer_rows_than_the_
     ]
     assert report.tables_compared == len(PG_COUNTS) + 1
     assert report.error == (
-        "row counts differ from the manifest in 2 of 7 tables: public.gone (expected 5 rows, table missing), "
+        f"row counts differ from the manifest in 2 of {len(PG_COUNTS) + 1} tables: "
+        "public.gone (expected 5 rows, table missing), "
         'sales."Orders" (expected 1000 rows, found 400)'
     )
     # the artifact itself matched its checksums: only the rows differ

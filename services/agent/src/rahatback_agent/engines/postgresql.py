@@ -1,14 +1,13 @@
 """PostgreSQL: asyncpg for the connection test, plain-format pg_dump for backups, psql for restores.
 
 Why plain SQL, the exact flags and how a restore stays all-or-nothing: docs/postgresql-dumps.md.
-Row counts for the manifest come from the dump's own snapshot (`pg_export_snapshot()` +
-`pg_dump --snapshot`), scratch databases of test restores: docs/verification.md.
+Row counts for the manifest are counted from the dump's own COPY sections as they stream past
+(CopyRowCounter); scratch databases of test restores: docs/verification.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import os
@@ -39,6 +38,7 @@ SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-
 
 # the maintenance database and the cloud providers' own: never part of "every database on the server"
 SYSTEM_DATABASES = frozenset({"postgres", "rdsadmin", "azure_maintenance", "azure_sys", "cloudsqladmin"})
+
 
 class PostgreSQLSettings(BaseModel):
     # extra keys are ignored: the control plane may store display-only fields next to these
@@ -209,87 +209,98 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-class _SnapshotCounts:
-    """Counts rows in a transaction whose snapshot pg_dump imports (`--snapshot`): both see exactly
-    the same data, however busy the database is.
+# `COPY public.items (id, label) FROM stdin;` — the table named as quote_ident() names it
+_COPY_HEADER = re.compile(
+    rb'COPY ((?:"(?:[^"]|"")*"|[^" .]+)\.(?:"(?:[^"]|"")*"|[^" .(]+))(?: \(.*\))? FROM stdin;'
+)
+# extension members' rows are their extension's business (see _TABLES_SQL)
+_EXTENSION_TABLES_SQL = r"""
+SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid
+WHERE d.deptype = 'e'
+"""
 
-    The exporting transaction must stay open until pg_dump has imported the snapshot, which it does
-    right after connecting, before it writes a byte: the transaction ends once the counts are done
-    and the dump's first chunk (or its end) has arrived.
+
+class CopyRowCounter:
+    """Rows per table counted from pg_dump's plain output itself, as it streams past.
+
+    Every table's data is one `COPY <table> (…) FROM stdin;` line, then one line per row (the text
+    format escapes newlines inside values as `\\n`), then a line `\\.`. Counting lines costs no
+    second read of the tables and sees exactly the dump's own snapshot. Only C-level byte searches
+    run per chunk; a partial line waits in `_tail` for the next chunk.
     """
 
-    def __init__(self, db: Any, snapshot_id: str) -> None:
-        self.snapshot_id = snapshot_id
-        self._db = db
-        self.dump_started = asyncio.Event()
-        self._task = asyncio.create_task(self._count(), name="pg-snapshot-counts")
+    def __init__(self, skip: frozenset[str] = frozenset()) -> None:
+        self.tables: dict[str, int] = {}
+        self._skip = skip
+        self._in_data = False  # inside a table's data section
+        self._table: str | None = None  # whose rows are counted (None: skipped)
+        self._rows = 0
+        self._tail = b""
 
-    @classmethod
-    async def start(
-        cls, engine: PostgreSQLEngine, settings: PostgreSQLSettings, conn: Connection, database: str
-    ) -> _SnapshotCounts | None:
-        db = await engine._connect(settings, conn, database)
-        try:
-            await db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            # as pg_dump does: every row or an error, never a silently filtered count; and the wait
-            # for pg_dump's import must not be cut short by the server's idle timeout
-            await db.execute(
-                "SET LOCAL row_security = off; SET LOCAL statement_timeout = 0;"
-                " SET LOCAL idle_in_transaction_session_timeout = 0"
-            )
-            snapshot_id = str(await db.fetchval("SELECT pg_catalog.pg_export_snapshot()"))
-        except Exception as exc:
-            # e.g. a server too old, or a pooler in front of it: dump as before, without counts
-            log.warning("cannot export a snapshot: row counts are not recorded", reason=str(exc))
-            db.terminate()
-            return None
-        return cls(db, snapshot_id)
+    def feed(self, chunk: bytes) -> None:
+        data = self._tail + chunk if self._tail else chunk
+        pos = 0  # always at the start of a line
+        while pos < len(data):
+            if self._in_data:
+                end = data.find(b"\\.\n", pos)
+                while end > pos and data[end - 1] != 0x0A:  # `\\.` inside a value, not the end line
+                    end = data.find(b"\\.\n", end + 1)
+                if end == -1:
+                    last = data.rfind(b"\n", pos)
+                    if last != -1:
+                        self._rows += data.count(b"\n", pos, last + 1)
+                        pos = last + 1
+                    break
+                self._rows += data.count(b"\n", pos, end)
+                if self._table is not None:
+                    self.tables[self._table] = self.tables.get(self._table, 0) + self._rows
+                self._in_data, self._rows, pos = False, 0, end + 3
+                continue
+            header = data.find(b"COPY ", pos)
+            while header > pos and data[header - 1] != 0x0A:
+                header = data.find(b"COPY ", header + 1)
+            if header == -1:
+                last = data.rfind(b"\n", pos)
+                pos = last + 1 if last != -1 else pos
+                break
+            eol = data.find(b"\n", header)
+            if eol == -1:
+                pos = header
+                break
+            match = _COPY_HEADER.fullmatch(data, header, eol)
+            pos = eol + 1
+            if match is not None:
+                name = match.group(1).decode("utf-8", "replace")
+                self._in_data, self._table = True, None if name in self._skip else name
+        self._tail = data[pos:]
 
-    async def _count(self) -> dict[str, int]:
-        try:
-            return await count_tables(self._db)
-        finally:
-            await self.dump_started.wait()
-            with contextlib.suppress(Exception):
-                await self._db.close(timeout=5)
-
-    async def result(self) -> dict[str, int] | None:
-        """The counts, once the dump has ended normally (None if counting failed)."""
-        self.dump_started.set()
-        try:
-            return await asyncio.shield(self._task)
-        except Exception as exc:  # a count that failed must not fail a dump that worked
-            log.warning("counting rows failed: row counts are not recorded", reason=str(exc) or repr(exc))
-            return None
-
-    async def close(self) -> None:
-        self.dump_started.set()
-        if not self._task.done():
-            self._task.cancel()
-        with contextlib.suppress(BaseException):
-            await self._task
-        self._db.terminate()
+    def result(self) -> dict[str, int] | None:
+        """The counts; None if the stream ended inside a data section (it was cut short)."""
+        return None if self._in_data else dict(self.tables)
 
 
-class _SnapshotChunks:
-    """pg_dump's chunks, telling the snapshot's transaction when pg_dump has started and waiting
-    for the counts before the iterator ends."""
+class _CountingChunks:
+    """pg_dump's chunks, counted on their way; the counts are filled in when the dump ends normally."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], snapshot: _SnapshotCounts, counts: TableCounts) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], counter: CopyRowCounter, counts: TableCounts) -> None:
         self._chunks = chunks
-        self._snapshot = snapshot
+        self._counter = counter
         self._counts = counts
 
-    def __aiter__(self) -> _SnapshotChunks:
+    def __aiter__(self) -> _CountingChunks:
         return self
 
     async def __anext__(self) -> bytes:
         try:
             chunk = await self._chunks.__anext__()
         except StopAsyncIteration:
-            self._counts.tables = await self._snapshot.result()
+            self._counts.tables = self._counter.result()
+            if self._counts.tables is None:
+                log.warning("the dump ended inside a table's data: row counts are not recorded")
             raise
-        self._snapshot.dump_started.set()
+        self._counter.feed(chunk)
         return chunk
 
 
@@ -445,23 +456,32 @@ class PostgreSQLEngine:
         settings = parse_settings(conn.settings)
         database = self._require_database(settings)
         argv = await self.dump_argv(database)
-        snapshot = await _SnapshotCounts.start(self, settings, conn, database) if counts is not None else None
-        if snapshot is not None:
-            argv.append(f"--snapshot={snapshot.snapshot_id}")
+        skip = await self._extension_tables(settings, conn, database) if counts is not None else None
+        async with stream_stdout(
+            argv,
+            env=self._tool_env(settings, conn, database),
+            explain=_explain_tool_failure("pg_dump", settings),
+            secrets=list(conn.secrets.values()),
+        ) as chunks:
+            if skip is None or counts is None:
+                yield chunks
+            else:
+                yield _CountingChunks(chunks, CopyRowCounter(skip), counts)
+
+    async def _extension_tables(
+        self, settings: PostgreSQLSettings, conn: Connection, database: str
+    ) -> frozenset[str] | None:
+        """Tables whose rows are not counted (extension members); None: counting is not possible."""
         try:
-            async with stream_stdout(
-                argv,
-                env=self._tool_env(settings, conn, database),
-                explain=_explain_tool_failure("pg_dump", settings),
-                secrets=list(conn.secrets.values()),
-            ) as chunks:
-                if snapshot is None or counts is None:
-                    yield chunks
-                else:
-                    yield _SnapshotChunks(chunks, snapshot, counts)
-        finally:
-            if snapshot is not None:
-                await snapshot.close()
+            db = await self._connect(settings, conn, database)
+            try:
+                rows = await db.fetch(_EXTENSION_TABLES_SQL)
+            finally:
+                await db.close()
+        except Exception as exc:  # e.g. a pooler in front of the server: dump without counts
+            log.warning("cannot read the catalog: row counts are not recorded", reason=str(exc))
+            return None
+        return frozenset(str(row[0]) for row in rows)
 
     async def restore(self, conn: Connection, chunks: AsyncIterator[bytes]) -> int:
         settings = parse_settings(conn.settings)
