@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from pydantic import Field as PydanticField
@@ -42,6 +42,11 @@ class BackupJob(SQLModel, table=True):
     storage_id: str = Field(foreign_key="storages.id", index=True, max_length=ID_LENGTH)
     # more copies of every backup, written at once from the same dump (the 3-2-1 rule)
     extra_storage_ids: list[str] = Field(default_factory=list, sa_type=JSON)
+    # whole-server job: every database the server lists at run time (system databases never),
+    # narrowed by glob patterns; each database is its own run, artifact and manifest
+    all_databases: bool = False
+    include_databases: list[str] = Field(default_factory=list, sa_type=JSON)  # empty = all
+    exclude_databases: list[str] = Field(default_factory=list, sa_type=JSON)
     compression: str = Field(default="zstd", max_length=8)
     compression_level: int | None = None
     encryption_enabled: bool = True
@@ -109,10 +114,12 @@ class BackupRun(SQLModel, table=True):
         Index("ix_backup_runs_org_database_queued", "org_id", "database_id", "queued_at"),
         Index("ix_backup_runs_org_status_queued", "org_id", "status", "queued_at"),
         Index("ix_backup_runs_status_progress", "status", "last_progress_at"),  # stall watchdog
-        # at most one queued/running run per job, even when two "run now" requests race
+        # at most one queued/running run per job (per database of a whole-server job), even when
+        # two "run now" requests race
         Index(
             "uq_backup_runs_active_job",
             "job_id",
+            "database_name",
             unique=True,
             sqlite_where=text("status IN ('queued', 'running')"),
             postgresql_where=text("status IN ('queued', 'running')"),
@@ -123,6 +130,10 @@ class BackupRun(SQLModel, table=True):
     org_id: str = Field(foreign_key="organizations.id", max_length=ID_LENGTH)
     job_id: str | None = Field(default=None, max_length=ID_LENGTH)
     database_id: str = Field(max_length=ID_LENGTH)
+    # the database dumped, when a whole-server job chose it ("" = the one the connection names)
+    database_name: str = Field(default="", max_length=128)
+    # the runs one start of a whole-server job made, one per database
+    batch_id: str | None = Field(default=None, index=True, max_length=ID_LENGTH)
     storage_id: str = Field(max_length=ID_LENGTH)
     agent_id: str | None = Field(default=None, index=True, max_length=ID_LENGTH)
     trigger: str = Field(default="manual", max_length=16)
@@ -300,6 +311,10 @@ class RetentionPolicy(BaseModel):
 
 RETENTION_FIELDS = tuple(RetentionPolicy.model_fields)
 
+# fnmatch globs against database names, e.g. "shop_*", "*_test", "tenant_[0-9]*"
+DatabasePatterns = list[Annotated[str, PydanticField(min_length=1, max_length=128)]]
+MAX_PATTERNS = 50
+
 
 class BackupJobCreate(_ScheduleFields):
     model_config = ConfigDict(extra="forbid")  # a misspelt or read-only field is a 422
@@ -308,6 +323,9 @@ class BackupJobCreate(_ScheduleFields):
     database_id: str
     storage_id: str
     extra_storage_ids: list[str] = PydanticField(default_factory=list, max_length=4)
+    all_databases: bool = False
+    include_databases: DatabasePatterns = PydanticField(default_factory=list, max_length=MAX_PATTERNS)
+    exclude_databases: DatabasePatterns = PydanticField(default_factory=list, max_length=MAX_PATTERNS)
     compression: Compression = "zstd"
     compression_level: int | None = None  # default depends on compression
     encryption_enabled: bool = True
@@ -329,6 +347,9 @@ class BackupJobUpdate(_ScheduleFields):
     database_id: str | None = None
     storage_id: str | None = None
     extra_storage_ids: list[str] | None = PydanticField(default=None, max_length=4)
+    all_databases: bool | None = None
+    include_databases: DatabasePatterns | None = PydanticField(default=None, max_length=MAX_PATTERNS)
+    exclude_databases: DatabasePatterns | None = PydanticField(default=None, max_length=MAX_PATTERNS)
     compression: Compression | None = None
     compression_level: int | None = None
     encryption_enabled: bool | None = None
@@ -346,6 +367,9 @@ class BackupJobPublic(BaseModel):
     database_id: str
     storage_id: str
     extra_storage_ids: list[str]
+    all_databases: bool
+    include_databases: list[str]
+    exclude_databases: list[str]
     compression: Compression
     compression_level: int | None
     encryption_enabled: bool
@@ -386,6 +410,8 @@ class BackupRunPublic(BaseModel):
     id: str
     job_id: str | None
     database_id: str
+    database_name: str
+    batch_id: str | None
     storage_id: str
     agent_id: str | None
     trigger: str

@@ -68,6 +68,9 @@ async def list_history(
     session: SessionDep,
     job_id: str | None = None,
     database_id: str | None = None,
+    batch_id: Annotated[
+        str | None, Query(description="the runs one start of a whole-server job made")
+    ] = None,
     status: RunStatus | None = None,
     since: Annotated[datetime | None, Query(description="queued at or after (ISO 8601)")] = None,
     until: Annotated[datetime | None, Query(description="queued before (ISO 8601)")] = None,
@@ -75,7 +78,7 @@ async def list_history(
     offset: Offset = 0,
 ) -> Page[BackupRunPublic]:
     filters = service.HistoryFilter(
-        job_id=job_id, database_id=database_id, status=status, since=since, until=until
+        job_id=job_id, database_id=database_id, batch_id=batch_id, status=status, since=since, until=until
     )
     runs, total = await service.list_runs(session, principal.org_id, filters, limit, offset)
     items = await service.runs_public(session, runs)

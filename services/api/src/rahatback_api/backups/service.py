@@ -31,6 +31,7 @@ from rahatback_api.backups.models import (
     RetentionPolicy,
 )
 from rahatback_api.columns import new_id, utcnow
+from rahatback_api.databases.engines import SERVER_ENGINES
 from rahatback_api.databases.models import Database
 from rahatback_api.databases.service import get_database
 from rahatback_api.errors import AppError, Conflict, NotFound
@@ -129,6 +130,32 @@ async def _check_targets(
         )
 
 
+async def _set_database_selection(
+    session: AsyncSession,
+    job: BackupJob,
+    all_databases: bool,
+    include: list[str],
+    exclude: list[str],
+) -> None:
+    """Whole-server jobs need a server engine; patterns only mean something for them."""
+    if all_databases:
+        database = await session.get(Database, job.database_id)
+        if database is not None and database.engine not in SERVER_ENGINES:
+            raise AppError(
+                f"a {database.engine} database is a single database: whole-server backups need one of "
+                + ", ".join(sorted(SERVER_ENGINES)),
+                422,
+                field="all_databases",
+            )
+    elif include or exclude:
+        field = "include_databases" if include else "exclude_databases"
+        raise AppError(
+            f"{field} selects databases of a whole-server job: set all_databases to true", 422, field=field
+        )
+    job.all_databases = all_databases
+    job.include_databases, job.exclude_databases = list(include), list(exclude)
+
+
 async def _check_name_free(
     session: AsyncSession, org_id: str, name: str, exclude_id: str | None = None
 ) -> None:
@@ -159,6 +186,9 @@ async def create_job(session: AsyncSession, box: SecretBox, org_id: str, data: B
         key_id="",
     )
     _set_retention(job, data.retention)
+    await _set_database_selection(
+        session, job, data.all_databases, data.include_databases, data.exclude_databases
+    )
     job.verify_cron, job.verify_level = data.verify_cron, data.verify_level
     if data.key_custody == "customer":  # the key stays on the agent: nothing to generate here
         job.key_id = (await check_job_customer_key(session, job, data.customer_key_id)).key_id
@@ -201,6 +231,9 @@ async def update_job(session: AsyncSession, org_id: str, job_id: str, data: Back
         "encryption_enabled",
         "timezone",
         "enabled",
+        "all_databases",
+        "include_databases",
+        "exclude_databases",
     ):
         if required in fields and getattr(data, required) is None:
             raise invalid_field((required,), "cannot be null")
@@ -213,6 +246,14 @@ async def update_job(session: AsyncSession, org_id: str, job_id: str, data: Back
         extras = job.extra_storage_ids if data.extra_storage_ids is None else data.extra_storage_ids
         await _check_targets(session, org_id, database_id, storage_id, list(extras))
         job.database_id, job.storage_id, job.extra_storage_ids = database_id, storage_id, list(extras)
+    if fields & {"database_id", "all_databases", "include_databases", "exclude_databases"}:
+        await _set_database_selection(
+            session,
+            job,
+            job.all_databases if data.all_databases is None else data.all_databases,
+            job.include_databases if data.include_databases is None else data.include_databases,
+            job.exclude_databases if data.exclude_databases is None else data.exclude_databases,
+        )
     if data.compression is not None or "compression_level" in fields:
         compression = data.compression or job.compression
         # changing the algorithm without a level takes that algorithm's default level
@@ -298,6 +339,7 @@ def _as_utc(value: datetime | None) -> datetime | None:
 class HistoryFilter:
     job_id: str | None = None
     database_id: str | None = None
+    batch_id: str | None = None
     status: str | None = None
     since: datetime | None = None
     until: datetime | None = None
@@ -319,6 +361,8 @@ async def list_runs(
         query = query.where(BackupRun.job_id == filters.job_id)
     if filters.database_id is not None:
         query = query.where(BackupRun.database_id == filters.database_id)
+    if filters.batch_id is not None:
+        query = query.where(BackupRun.batch_id == filters.batch_id)
     if filters.status is not None:
         query = query.where(BackupRun.status == filters.status)
     if (since := _as_utc(filters.since)) is not None:

@@ -128,3 +128,5 @@ ENGINES: dict[str, SettingsSpec] = {
 }
 
 EngineName = Literal["postgresql", "sqlite", "mongodb", "mssql", "mysql"]
+# engines whose connection reaches a server holding many databases (whole-server jobs)
+SERVER_ENGINES = frozenset({"postgresql", "mongodb", "mssql", "mysql"})

@@ -166,7 +166,7 @@ class Workers:
                     )
                 else:
                     run = await scheduling.handle_backup_requested(
-                        session, self.box, request, _msg_id(msg), offline_after=self.offline_after
+                        session, self.box, self.bus, request, _msg_id(msg), offline_after=self.offline_after
                     )
         except Exception:
             log.exception("control.failed", job_id=request.job_id)

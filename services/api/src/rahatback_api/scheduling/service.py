@@ -16,6 +16,7 @@ from sqlmodel import col, select
 from rahatback_api.columns import new_id, utcnow
 from rahatback_api.databases.models import Database
 from rahatback_api.errors import Conflict
+from rahatback_api.messaging.bus import Bus
 from rahatback_api.models import BackupJob, BackupRun, ProcessedMessage
 from rahatback_api.notifications.service import enqueue_event
 from rahatback_api.operations import service as operations
@@ -37,6 +38,7 @@ def next_fire(cron: str, timezone: str, after: datetime) -> datetime:
 async def handle_backup_requested(
     session: AsyncSession,
     box: SecretBox,
+    bus: Bus,
     request: m.BackupRequested,
     msg_id: str,
     *,
@@ -62,9 +64,10 @@ async def handle_backup_requested(
             request.fire_time,
         )
     try:
-        return await operations.start_backup(
-            session, box, job, trigger="schedule", offline_after=offline_after
+        runs = await operations.start_backup(
+            session, box, bus, job, trigger="schedule", offline_after=offline_after
         )
+        return runs[0]
     except Conflict as exc:
         active = await operations.active_backup_of(session, job.id)
         if active is not None:
