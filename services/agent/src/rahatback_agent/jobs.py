@@ -355,7 +355,7 @@ class _NoWriter:
 def _report_failure(kind: str, exc: Exception, stage: Stage, *secrets: dict[str, Any]) -> str:
     """The user-facing error of a failed run, scrubbed of secrets, logged as expected or not."""
     error = _scrub(describe_error(exc), *secrets)
-    if isinstance(exc, EngineError | StorageError | SealingError | ArtifactError):
+    if isinstance(exc, EngineError | StorageError | SealingError | ArtifactError | KeyringError):
         log.warning(f"{kind} failed", stage=stage, error=error)
     else:
         log.error(f"{kind} failed unexpectedly", stage=stage, error=error, error_type=type(exc).__name__)

@@ -222,7 +222,6 @@ class Keyring:
                 }
             )
             _write_private(self.path, json.dumps({"version": 1, "keys": entries}, indent=2) + "\n")
-        log.info("backup key created", key_id=key_id)
         return KeyInfo(key_id, fingerprint(key_id, key), "keyring", name, created_at)
 
     # ------------------------------------------------------------ all sources
