@@ -24,6 +24,7 @@ from rahatback_api.db import run_migrations, session_scope
 from rahatback_api.main import create_app
 from rahatback_api.models import Organization
 from rahatback_api.security.secretbox import SecretBox
+from rahatback_api.security.signing import new_signing_key
 from rahatback_api.settings import Settings
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -44,6 +45,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 # the notifier's key pair: the API seals webhook URLs and secrets to its public half
 NOTIFIER_KEY = X25519PrivateKey.generate()
+# the API's command-signing key (docs/security.md "Signed commands"), the same for every app
+COMMAND_SIGNING_KEY = new_signing_key()
 
 
 @pytest.fixture
@@ -56,6 +59,7 @@ def settings(database_url: str, tmp_path: Path, nats_server: NatsServer) -> Sett
         dev_mode=False,
         var_dir=tmp_path / "var",
         notifier_public_key=base64.b64encode(public).decode(),
+        command_signing_key=COMMAND_SIGNING_KEY,
     )
 
 

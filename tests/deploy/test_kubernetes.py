@@ -21,6 +21,7 @@ import pytest
 import yaml
 from rahatback_api import main as api_main
 from rahatback_api.db import run_migrations
+from rahatback_api.security.signing import new_signing_key
 from rahatback_api.settings import Settings
 
 from tests.deploy.dockerfiles import parse_dockerfile
@@ -409,6 +410,7 @@ async def test_api_migrates_at_start_only_in_dev_mode(
             database_url=database_url,
             nats_url=nats_server.url,
             master_key=base64.b64encode(os.urandom(32)).decode(),
+            command_signing_key=new_signing_key(),
             dev_mode=dev_mode,
             var_dir=tmp_path / "var",
         )

@@ -17,6 +17,7 @@ import httpx
 import nats
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from rahatback_api.security.signing import new_signing_key
 from rahatback_contracts import messages as m
 
 from scripts.devstack import BIN, Stack, wait_for
@@ -40,6 +41,8 @@ def two_apis(
             # Kubernetes Job would), so two replicas cannot race each other's migrations
             "RAHATBACK_DEV_MODE": "false",
             "RAHATBACK_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
+            # both replicas sign commands with the one key the agent pinned at enrollment
+            "RAHATBACK_COMMAND_SIGNING_KEY": new_signing_key(),
         }
     )
     try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from rahatback_api.security.secretbox import SecretBox
+from rahatback_api.security.signing import CommandSigner
 
 APP_CONTEXT = "rahatback.app_context"
 
@@ -21,6 +22,8 @@ class AppContext:
     box: SecretBox
     notifier_public_key: str | None
     public_url: str
+    # signs every command to an agent (operations.service.enqueue_command)
+    command_signer: CommandSigner | None = None
 
 
 def app_context(session: AsyncSession) -> AppContext:

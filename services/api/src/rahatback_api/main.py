@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 import structlog
 import uvicorn
 from fastapi import APIRouter, FastAPI
+from rahatback_contracts.signing import decode_private_key
 
 from rahatback_api.agents.router import router as agents_router
 from rahatback_api.audit.client import parse_trusted_proxies
@@ -34,6 +35,7 @@ from rahatback_api.operations.lifespan import nats_lifespan
 from rahatback_api.operations.router import router as operations_router
 from rahatback_api.request_id import RequestIdMiddleware
 from rahatback_api.security.secretbox import SecretBox
+from rahatback_api.security.signing import CommandSigner, new_signing_key
 from rahatback_api.settings import ConfigurationError, Settings
 from rahatback_api.storages.router import router as storages_router
 from rahatback_api.verification.router import router as verification_router
@@ -79,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.master_key_bytes(), settings.master_key_id, settings.old_master_key_bytes()
     )
     settings.check_notifier_public_key()
+    command_signer = settings.command_signer()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -86,7 +89,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_migrations(settings.database_url)
         engine = create_engine(settings.database_url)
         app.state.engine = engine
-        context = AppContext(secretbox, settings.notifier_public_key, settings.public_url)
+        context = AppContext(
+            secretbox, settings.notifier_public_key, settings.public_url, command_signer=command_signer
+        )
         app.state.sessionmaker = create_sessionmaker(engine, {APP_CONTEXT: context})
         try:
             async with AsyncExitStack() as stack:
@@ -101,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="RahatBack API", version="0.1.0", lifespan=lifespan, docs_url="/docs")
     app.state.settings = settings
     app.state.secretbox = secretbox
+    app.state.command_signer = command_signer
     app.state.outbox_wakeup = None  # an asyncio.Event the outbox relay may install
     install_error_handlers(app)
     app.state.trusted_proxies = parse_trusted_proxies(settings.trusted_proxies)
@@ -134,6 +140,13 @@ async def _create_admin(settings: Settings, email: str, password: str, org: str)
     print(f"API token (shown once, valid 30 days): {token}")
 
 
+def _print_signing_key() -> None:
+    key = new_signing_key()
+    public = CommandSigner("c1", decode_private_key(key)).public_key_b64
+    print(f"# public key (agents pin it at enrollment): {public}", file=sys.stderr)
+    print(key)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rahatback-api", description="RahatBack control-plane API")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -145,7 +158,14 @@ def main(argv: list[str] | None = None) -> None:
     admin.add_argument("--email", required=True)
     admin.add_argument("--password", help="default: $RAHATBACK_ADMIN_PASSWORD, else asked for")
     admin.add_argument("--org", required=True, help="organization name")
+    commands.add_parser(
+        "command-signing-keygen",
+        help="print a new RAHATBACK_COMMAND_SIGNING_KEY (agents enrolled under the old key must re-enroll)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "command-signing-keygen":
+        _print_signing_key()
+        return
 
     try:
         settings = _load_settings()

@@ -26,7 +26,7 @@ from datetime import datetime
 
 import structlog
 from fastapi import APIRouter, FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from rahatback_contracts import streams
@@ -378,10 +378,21 @@ class HttpMetricsMiddleware:
 # --- wiring ---------------------------------------------------------------------------------------
 
 
+# Commands and requests agents refused (forged, expired, replayed…): a security signal, counted as
+# this process applied the refusal reports. Process-wide, shown by each app's registry.
+COMMAND_REFUSALS = Counter(
+    "rahatback_agent_command_refusals",
+    "Commands and requests an agent refused, by reason (docs/security.md)",
+    ["reason"],
+    registry=None,
+)
+
+
 class ApiMetrics:
     def __init__(self, offline_after_seconds: int) -> None:
         # a registry per app: tests build many apps in one process
         self.registry = CollectorRegistry()
+        self.registry.register(COMMAND_REFUSALS)
         self.http = Histogram(
             "rahatback_http_request_duration_seconds",
             "HTTP request latency to the first response byte",

@@ -12,6 +12,9 @@ from typing import Literal
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from rahatback_contracts.signing import decode_private_key
+
+from rahatback_api.security.signing import CommandSigner, dev_signing_key
 
 MASTER_KEY_BYTES = 32
 
@@ -44,6 +47,10 @@ class Settings(BaseSettings):
     # base64 raw X25519 public key of the notifier (`rahatback-notifier keygen`): webhook URLs and
     # secrets travel sealed to it; without it only email channels can be used
     notifier_public_key: str | None = None
+    # base64 raw 32-byte Ed25519 private key (`rahatback-api command-signing-keygen`): every command
+    # and request to an agent is signed with it; agents pin its public half and id at enrollment
+    command_signing_key: SecretStr | None = None
+    command_signing_key_id: str = "c1"
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
     login_token_hours: int = 12
@@ -71,6 +78,26 @@ class Settings(BaseSettings):
                 "(or set RAHATBACK_DEV_MODE=true to generate a development key)"
             )
         return _dev_master_key(self.var_dir / "master.key")
+
+    def command_signer(self) -> CommandSigner:
+        """The command-signing key; in dev mode one is generated and kept in `var/command-signing.key`.
+
+        Outside dev mode a missing or malformed key stops the service: enrolled agents pin the
+        public half, so a made-up key would have every agent refuse every command after a restart.
+        """
+        if self.command_signing_key is not None:
+            encoded = self.command_signing_key.get_secret_value()
+        elif self.dev_mode:
+            encoded = dev_signing_key(self.var_dir / "command-signing.key")
+        else:
+            raise ConfigurationError(
+                "RAHATBACK_COMMAND_SIGNING_KEY is not set: set it to the output of "
+                "`rahatback-api command-signing-keygen` (or set RAHATBACK_DEV_MODE=true to generate one)"
+            )
+        try:
+            return CommandSigner(self.command_signing_key_id, decode_private_key(encoded))
+        except ValueError as exc:
+            raise ConfigurationError(f"RAHATBACK_COMMAND_SIGNING_KEY[_ID]: {exc}") from None
 
     def check_notifier_public_key(self) -> None:
         if self.notifier_public_key is None:

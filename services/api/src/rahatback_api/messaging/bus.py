@@ -15,6 +15,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
+from rahatback_api.security.signing import CommandSigner
 from rahatback_contracts import streams
 from rahatback_contracts.messages import Message
 from rahatback_jetstream import consumer_config, key_value, stream_config
@@ -46,6 +47,8 @@ class Bus:
     connected_since: float = field(default_factory=time.monotonic)
     # JetStream replicas of the streams and buckets the API creates (3 on a 3-node cluster)
     replicas: int = 1
+    # signs requests to agents (operations.service.ask_agent); set by the lifespan
+    command_signer: CommandSigner | None = None
 
     @classmethod
     async def connect(
@@ -107,9 +110,15 @@ class Bus:
     async def ensure_agent_consumer(self, agent_id: str) -> None:
         await self.ensure_consumer(streams.agent_commands_consumer(agent_id))
 
-    async def request(self, subject: str, message: Message, timeout: float) -> bytes:  # noqa: ASYNC109 - passed to NATS
+    async def request(
+        self,
+        subject: str,
+        message: Message,
+        timeout: float,  # noqa: ASYNC109 - passed to NATS
+        headers: dict[str, str] | None = None,
+    ) -> bytes:
         try:
-            reply = await self.nc.request(subject, message.to_bytes(), timeout=timeout)
+            reply = await self.nc.request(subject, message.to_bytes(), timeout=timeout, headers=headers)
         except NoRespondersError as exc:
             raise AgentOffline("the agent is offline (no responder on NATS)") from exc
         except NatsTimeoutError as exc:

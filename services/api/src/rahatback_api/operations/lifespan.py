@@ -26,6 +26,7 @@ async def nats_lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     sessions = app.state.sessionmaker
     bus = await Bus.connect(settings.nats_url, replicas=settings.stream_replicas)
+    bus.command_signer = app.state.command_signer  # RPC requests to agents are signed too
 
     async def org_of_agent(agent_id: str) -> str | None:
         async with sessions() as session:

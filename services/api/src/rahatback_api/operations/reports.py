@@ -2,26 +2,43 @@
 
 from __future__ import annotations
 
+import json
+
+import structlog
 from rahatback_api.backups.models import ACTIVE_RUN_STATUSES
 from rahatback_api.columns import utcnow
 from rahatback_api.context import app_context
-from rahatback_api.models import BackupCopy, BackupJob, BackupRun, ProcessedMessage, RestoreRun, Storage
+from rahatback_api.metrics import COMMAND_REFUSALS
+from rahatback_api.models import (
+    BackupCopy,
+    BackupJob,
+    BackupRun,
+    OutboxMessage,
+    ProcessedMessage,
+    RestoreRun,
+    Storage,
+    VerifyRun,
+)
 from rahatback_api.retention import service as retention
 from rahatback_api.verification import service as verification
 from rahatback_contracts import messages as m
 from rahatback_contracts import subjects
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import select
 
 from .service import (
     UntrustedReport,
     duration_ms,
     enqueue_backup_event,
     enqueue_restore_event,
+    fail_active,
     fail_restore,
     fail_run,
 )
 
 __all__ = ["REPORT_MODELS", "UntrustedReport", "apply_report", "parse_report"]
+
+log = structlog.get_logger(__name__)
 
 REPORT_MODELS: dict[str, type[m.Report]] = {
     "backup.started": m.BackupStarted,
@@ -35,6 +52,7 @@ REPORT_MODELS: dict[str, type[m.Report]] = {
     "verify.failed": m.VerifyFailed,
     "prune.completed": m.PruneCompleted,
     "prune.failed": m.PruneFailed,
+    "command.refused": m.CommandRefused,
 }
 
 
@@ -71,10 +89,63 @@ async def apply_report(session: AsyncSession, agent_id: str, msg_id: str, report
         changed = await verification.apply_verify_report(session, agent_id, report)
     elif isinstance(report, m.PruneCompleted | m.PruneFailed):
         changed = await retention.apply_prune_report(session, agent_id, report)
+    elif isinstance(report, m.CommandRefused):
+        changed = await _apply_refusal(session, agent_id, report)
     else:  # pragma: no cover - parse_report only yields the kinds above
         raise UntrustedReport(f"unexpected report {type(report).__name__}")
     await session.flush()
     return changed
+
+
+async def _apply_refusal(session: AsyncSession, agent_id: str, report: m.CommandRefused) -> bool:
+    """An agent refused a command or request (docs/security.md "Signed commands"): always a
+    security signal, logged and counted. When the refused command is the one the API issued to that
+    agent for a run still queued or running, the run fails now with the agent's reason instead of
+    waiting for the watchdog. The refused body is untrusted (it may be a forgery): its run id counts
+    only if its command id is the one in the API's own outbox row for that run and agent."""
+    COMMAND_REFUSALS.labels(reason=report.reason).inc()
+    log.warning(
+        "agent.command_refused",
+        agent_id=agent_id,
+        subject=report.subject,
+        reason=report.reason,
+        detail=report.detail,
+        command_id=report.command_id,
+        run_kind=report.run_kind,
+        run_id=report.run_id,
+    )
+    # a replay was refused, not the original: whatever the original started goes on
+    if report.reason == "replayed" or report.run_id is None or report.command_id is None:
+        return False
+    issued = (
+        await session.execute(select(OutboxMessage).where(OutboxMessage.msg_id == f"{report.run_id}:command"))
+    ).scalar_one_or_none()
+    if (
+        issued is None
+        or not issued.subject.startswith(f"agent.{agent_id}.")
+        or json.loads(issued.payload).get("command_id") != report.command_id
+    ):
+        log.warning("agent.command_refused.not_issued_by_us", agent_id=agent_id, run_id=report.run_id)
+        return False
+    error = f"the agent refused the command: {report.detail}"
+    row: BackupRun | RestoreRun | VerifyRun | None
+    if report.run_kind == "backup":
+        row = await session.get(BackupRun, report.run_id, with_for_update=True)
+    elif report.run_kind == "restore":
+        row = await session.get(RestoreRun, report.run_id, with_for_update=True)
+    elif report.run_kind == "verify":
+        row = await session.get(VerifyRun, report.run_id, with_for_update=True)
+    elif report.run_kind == "prune":  # its copies are tried again after the next success
+        failed = m.PruneFailed(
+            agent_id=agent_id, occurred_at=report.occurred_at, prune_id=report.run_id, error=error
+        )
+        return await retention.apply_prune_report(session, agent_id, failed)
+    else:  # a cancel has no run of its own
+        return False
+    if row is None or row.agent_id != agent_id or row.status not in ACTIVE_RUN_STATUSES:
+        return False
+    await fail_active(session, row, error)
+    return True
 
 
 async def _owned_run(session: AsyncSession, agent_id: str, run_id: str) -> BackupRun:

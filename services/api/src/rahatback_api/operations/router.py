@@ -63,6 +63,9 @@ class EnrollResponse(BaseModel):
     agent_id: str
     org_id: str
     nats_url: str
+    # the agent pins these and refuses any command or request not signed by that key
+    command_signing_key_id: str
+    command_signing_public_key: str = Field(description="base64 of the raw 32-byte Ed25519 public key")
 
 
 @router.post("/v1/agents/enroll", status_code=status.HTTP_201_CREATED, response_model=EnrollResponse)
@@ -86,7 +89,15 @@ async def enroll(
     await session.flush()
     # the agent may only bind to its consumer, never create one: make it before the agent asks
     await bus.ensure_agent_consumer(agent.id)
-    return EnrollResponse(agent_id=agent.id, org_id=agent.org_id, nats_url=settings.nats_url)
+    signer = bus.command_signer
+    assert signer is not None, "the lifespan gives the bus its command signer"
+    return EnrollResponse(
+        agent_id=agent.id,
+        org_id=agent.org_id,
+        nats_url=settings.nats_url,
+        command_signing_key_id=signer.key_id,
+        command_signing_public_key=signer.public_key_b64,
+    )
 
 
 # ---------------------------------------------------------------------------- connection test

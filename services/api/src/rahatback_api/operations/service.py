@@ -19,6 +19,7 @@ from rahatback_api.agents.service import is_online as _is_online
 from rahatback_api.backups.models import ACTIVE_RUN_STATUSES
 from rahatback_api.backups.service import load_backup_key
 from rahatback_api.columns import new_id, utcnow
+from rahatback_api.context import app_context
 from rahatback_api.databases.service import database_secrets
 from rahatback_api.errors import AppError, Conflict
 from rahatback_api.keys.custody import customer_encryption, is_customer_key_id, record_held_keys
@@ -49,6 +50,8 @@ log = structlog.get_logger(__name__)
 COMMAND_TTL = timedelta(hours=6)
 SWEEP_INTERVAL = timedelta(seconds=10)
 RPC_TIMEOUT_SECONDS = 20.0
+# a request expires this long after the API stops waiting for its answer
+RPC_EXPIRY_MARGIN = timedelta(seconds=30)
 
 
 _Run = TypeVar("_Run", BackupRun, RestoreRun, VerifyRun)
@@ -158,10 +161,19 @@ async def ask_agent(
     timeout: float = RPC_TIMEOUT_SECONDS,  # noqa: ASYNC109 - the NATS request's own deadline
 ) -> _Reply:
     """Core request/reply to one agent; `make_request(request_id)` seals for that request only."""
-    request = make_request(new_id())
+    issued = utcnow()
+    # the agent refuses a request past its expiry (a captured request cannot be replayed later)
+    request = make_request(new_id()).model_copy(
+        update={"issued_at": issued, "expires_at": issued + timedelta(seconds=timeout) + RPC_EXPIRY_MARGIN}
+    )
+    subject = subjects.agent_rpc(agent.id, rpc)
+    if bus.command_signer is None:
+        raise RuntimeError("the bus has no command signer: requests to agents must be signed")
     started = time.monotonic()
     try:
-        data = await bus.request(subjects.agent_rpc(agent.id, rpc), request, timeout=timeout)
+        data = await bus.request(
+            subject, request, timeout=timeout, headers=bus.command_signer.headers_for(subject, request)
+        )
     except AgentOffline as exc:
         raise Conflict(f"agent {agent.name!r} is offline: {exc}") from exc
     except AgentTimeout as exc:
@@ -230,6 +242,19 @@ def saved_storage_target(box: SecretBox, storage: Storage, agent: Agent, info: s
         secrets=storage_secrets(box, storage),
         storage_id=storage.id,
     )
+
+
+def enqueue_command(
+    session: AsyncSession, agent_id: str, kind: subjects.CommandKind, command: m.Command, msg_id: str
+) -> None:
+    """Enqueue a command to an agent, signed with the API's command-signing key over its subject
+    and the exact body the outbox relay will publish (docs/security.md "Signed commands")."""
+    signer = app_context(session).command_signer
+    if signer is None:
+        raise RuntimeError("no command signer in the app context: commands to agents must be signed")
+    subject = subjects.agent_command(agent_id, kind)
+    headers = signer.headers(subject, command.model_dump_json().encode())
+    enqueue(session, subject, command, msg_id, headers=headers)
 
 
 def command_envelope(org_id: str) -> dict[str, Any]:
@@ -304,7 +329,7 @@ async def start_backup(
         compression_level=job.compression_level,
         encryption=encryption,
     )
-    enqueue(session, subjects.agent_command(agent.id, "job.execute"), command, f"{run.id}:command")
+    enqueue_command(session, agent.id, "job.execute", command, f"{run.id}:command")
     await session.flush()
     return run
 
@@ -406,7 +431,7 @@ async def start_restore(
         dump_sha256=run.dump_sha256,
         encryption=encryption,
     )
-    enqueue(session, subjects.agent_command(agent.id, "restore.execute"), command, f"{restore.id}:command")
+    enqueue_command(session, agent.id, "restore.execute", command, f"{restore.id}:command")
     await session.flush()
     return restore
 
@@ -621,6 +646,12 @@ def _stall_reason(
 
 
 async def _fail_stalled(session: AsyncSession, row: BackupRun | RestoreRun | VerifyRun, reason: str) -> None:
+    await fail_active(session, row, reason)
+    log.warning("watchdog.failed", kind=type(row).__name__, id=row.id, reason=reason)
+
+
+async def fail_active(session: AsyncSession, row: BackupRun | RestoreRun | VerifyRun, reason: str) -> None:
+    """Fail a queued or running run, record it on its job or backup, and announce it."""
     if isinstance(row, VerifyRun):
         await finish_verify(session, row, "failed", reason)
     elif isinstance(row, BackupRun):
@@ -635,7 +666,6 @@ async def _fail_stalled(session: AsyncSession, row: BackupRun | RestoreRun | Ver
         if backup is not None:
             backup.last_restore_status = "failed"
         await enqueue_restore_event(session, row, "restore.failed")
-    log.warning("watchdog.failed", kind=type(row).__name__, id=row.id, reason=reason)
 
 
 async def sweep_stalled(

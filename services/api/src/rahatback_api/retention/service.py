@@ -11,12 +11,10 @@ from zoneinfo import ZoneInfo
 
 import structlog
 from rahatback_contracts import messages as m
-from rahatback_contracts import subjects
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
 from rahatback_api.columns import new_id, utcnow
-from rahatback_api.messaging.outbox import enqueue
 from rahatback_api.models import Agent, BackupCopy, BackupJob, BackupRun, PruneRun, Storage
 from rahatback_api.operations import service as operations
 from rahatback_api.retention.policy import Backup, Policy, expired
@@ -105,7 +103,7 @@ async def _prune_storage(
             for copy in items
         ],
     )
-    enqueue(session, subjects.agent_command(agent.id, "prune.execute"), command, f"{prune.id}:command")
+    operations.enqueue_command(session, agent.id, "prune.execute", command, f"{prune.id}:command")
     log.info(
         "retention.prune_sent", job_id=job.id, storage_id=storage.id, prune_id=prune.id, items=len(items)
     )

@@ -8,14 +8,12 @@ from datetime import timedelta
 
 import structlog
 from rahatback_contracts import messages as m
-from rahatback_contracts import subjects
 from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
 from rahatback_api.columns import new_id, utcnow
 from rahatback_api.errors import AppError, Conflict, NotFound
-from rahatback_api.messaging.outbox import enqueue
 from rahatback_api.models import BackupJob, BackupRun, Database, ProcessedMessage, Storage, VerifyRun
 from rahatback_api.operations import service as operations
 from rahatback_api.security.secretbox import SecretBox
@@ -98,7 +96,7 @@ async def start_verify(
             else None
         ),
     )
-    enqueue(session, subjects.agent_command(agent.id, "verify.execute"), command, f"{verify.id}:command")
+    operations.enqueue_command(session, agent.id, "verify.execute", command, f"{verify.id}:command")
     await session.flush()
     return verify
 
