@@ -164,8 +164,14 @@ class Stack:
         return token
 
     def enroll_agent(self, token: str) -> None:
-        if Path(self.env["RAHATBACK_AGENT_CONFIG"]).exists():
-            return
+        config = Path(self.env["RAHATBACK_AGENT_CONFIG"])
+        force: list[str] = []
+        if config.exists():
+            if json.loads(config.read_text()).get("command_public_key_b64"):
+                return
+            # enrolled before commands were signed: it pins no key and would refuse to start
+            print("re-enrolling the local agent: its identity predates signed commands (docs/security.md)")
+            force = ["--force"]
         enrollment = api_call(self.api, token, "POST", "/v1/agents/enrollment-tokens", {"ttl_minutes": 10})
         subprocess.run(
             [
@@ -177,6 +183,7 @@ class Stack:
                 str(enrollment["token"]),
                 "--name",
                 "local-agent",
+                *force,
             ],
             env=self.env,
             check=True,

@@ -207,10 +207,10 @@ def test_env_example_lists_every_variable_and_no_secret() -> None:
     referenced = {m.group(1) for m in _INTERPOLATION.finditer(text)}
     example = parse_env_file((ROOT / ".env.example").read_text())
     assert referenced == set(example), "docker-compose.yml and .env.example name different variables"
-    for secret in ("RAHATBACK_MASTER_KEY", "RAHATBACK_NOTIFIER_PRIVATE_KEY"):
+    for secret in ("RAHATBACK_MASTER_KEY", "RAHATBACK_NOTIFIER_PRIVATE_KEY", "RAHATBACK_COMMAND_SIGNING_KEY"):
         assert example[secret] == "", f"{secret} must be left empty in .env.example"
     required = {m.group(1) for m in _INTERPOLATION.finditer(text) if m.group(2) == ":?"}
-    with pytest.raises(ValueError, match="RAHATBACK_MASTER_KEY"):
+    with pytest.raises(ValueError, match=r"RAHATBACK_COMMAND_SIGNING_KEY|RAHATBACK_MASTER_KEY"):
         for name in sorted(required):
             interpolate(f"${{{name}:?missing}}", example)
 
@@ -236,6 +236,7 @@ def test_generated_env_file_starts_every_service(monkeypatch: pytest.MonkeyPatch
         settings = settings_class(owner)(_env_file=None)  # type: ignore[call-arg]
         if isinstance(settings, Settings):
             assert settings.master_key_bytes()
+            assert settings.command_signer().key_id  # a usable Ed25519 key
             settings.check_notifier_public_key()
             assert settings.database_url.startswith("postgresql+asyncpg://rahatback:")
             assert not settings.dev_mode
