@@ -79,6 +79,17 @@ async def customer_encryption(
 ) -> m.EncryptionSpec:
     """The encryption part of a command for a customer-held key: id, fingerprint, no material.
     409 when `agent` does not hold the key, naming the agents that do."""
+    # info is seal_info(purpose, id): "rahatback:run:…", "rahatback:restore:…", "rahatback:verify:…"
+    purpose = info.split(":")[1] if info.count(":") >= 2 else "run"
+    key = await require_key_held(session, agent, org_id, key_id, purpose)
+    return m.EncryptionSpec(enabled=True, key_id=key_id, custody="customer", fingerprint=key.fingerprint)
+
+
+async def require_key_held(
+    session: AsyncSession, agent: Agent, org_id: str, key_id: str, purpose: str = "run"
+) -> CustomerKey:
+    """409 unless `agent` reports holding this customer key with its recorded fingerprint. Called
+    before a run is queued, so a refused scheduled run leaves no queued row behind."""
     key = await get_customer_key(session, org_id, key_id)
     if key is None:
         raise Conflict(
@@ -86,8 +97,6 @@ async def customer_encryption(
             " add it to an agent's keyring from your exported copy"
         )
     if not await holds(session, agent.id, key):
-        # info is seal_info(purpose, id): "rahatback:run:…", "rahatback:restore:…", "rahatback:verify:…"
-        purpose = info.split(":")[1] if info.count(":") >= 2 else "run"
         action = {"run": "back up", "restore": "restore", "verify": "verify"}.get(purpose, "run it")
         others = await holders_of(session, key)
         where = (
@@ -100,7 +109,7 @@ async def customer_encryption(
             f"agent {agent.name!r} does not hold backup key {key_id!r}"
             f" (fingerprint {key.fingerprint}); {where}"
         )
-    return m.EncryptionSpec(enabled=True, key_id=key_id, custody="customer", fingerprint=key.fingerprint)
+    return key
 
 
 async def job_agent_id(session: AsyncSession, job: BackupJob) -> str | None:

@@ -22,7 +22,12 @@ from rahatback_api.columns import new_id, utcnow
 from rahatback_api.context import app_context
 from rahatback_api.databases.service import database_secrets
 from rahatback_api.errors import AppError, Conflict
-from rahatback_api.keys.custody import customer_encryption, is_customer_key_id, record_held_keys
+from rahatback_api.keys.custody import (
+    customer_encryption,
+    is_customer_key_id,
+    record_held_keys,
+    require_key_held,
+)
 from rahatback_api.messaging.bus import AgentOffline, AgentTimeout, Bus, BusUnavailable
 from rahatback_api.messaging.outbox import enqueue
 from rahatback_api.models import (
@@ -291,6 +296,8 @@ async def start_backup(
     storage, *extras = [s for s in storages if s is not None]
     bound = db.agent_id or next((s.agent_id for s in storages if s is not None and s.agent_id), None)
     agent = await choose_agent(session, job.org_id, bound, offline_after)
+    if job.encryption_enabled and is_customer_key_id(job.key_id):  # before any run is queued
+        await require_key_held(session, agent, job.org_id, job.key_id, "run")
 
     run = BackupRun(
         id=new_id(),

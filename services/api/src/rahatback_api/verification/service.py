@@ -14,6 +14,7 @@ from sqlmodel import col, select
 
 from rahatback_api.columns import new_id, utcnow
 from rahatback_api.errors import AppError, Conflict, NotFound
+from rahatback_api.keys.custody import is_customer_key_id, require_key_held
 from rahatback_api.models import BackupJob, BackupRun, Database, ProcessedMessage, Storage, VerifyRun
 from rahatback_api.operations import service as operations
 from rahatback_api.security.secretbox import SecretBox
@@ -56,6 +57,8 @@ async def start_verify(
     # a local folder lives on its agent's host; a test restore needs an agent that reaches the server
     preferred = storage.agent_id if storage.kind == "local" else (source.agent_id if source else None)
     agent = await operations.choose_agent(session, run.org_id, preferred or run.agent_id, offline_after)
+    if run.encrypted and run.key_id and is_customer_key_id(run.key_id):  # before the row is queued
+        await require_key_held(session, agent, run.org_id, run.key_id, "verify")
 
     verify = VerifyRun(
         id=new_id(),
