@@ -63,7 +63,7 @@ async def list_verifications(
     backup_run_id: str | None = None,
     job_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,  # beyond: a database error
 ) -> Page[VerifyRunPublic]:
     rows, total = await service.list_verifies(session, principal.org_id, backup_run_id, job_id, limit, offset)
     items = [verify_public(v) for v in rows]
