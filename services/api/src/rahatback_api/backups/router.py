@@ -23,7 +23,6 @@ from rahatback_api.backups.models import (
 from rahatback_api.db import SessionDep
 from rahatback_api.deps import SecretBoxDep
 from rahatback_api.errors import NotFound
-from rahatback_api.errors import NotFound
 from rahatback_api.keys.service import refuse_customer_export
 
 log = structlog.get_logger(__name__)
