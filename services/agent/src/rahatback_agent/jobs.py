@@ -11,10 +11,10 @@ import contextlib
 import re
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -23,6 +23,8 @@ from rahatback_contracts.messages import (
     BackupCompleted,
     BackupFailed,
     CopyResult,
+    DbListReply,
+    DbListRequest,
     DbTestReply,
     DbTestRequest,
     PruneCommand,
@@ -461,18 +463,48 @@ async def run_verify(
 # ---------------------------------------------------------------- rpc
 
 
-async def test_database(request: DbTestRequest, *, private_key: X25519PrivateKey) -> DbTestReply:
+_DbReply = TypeVar("_DbReply", DbTestReply, DbListReply)
+
+
+async def _ask_database(
+    rpc: str,
+    request: DbTestRequest | DbListRequest,
+    private_key: X25519PrivateKey,
+    reply: type[_DbReply],
+    work: Callable[[Engine, Connection], Awaitable[_DbReply]],
+) -> _DbReply:
+    """Open the request's sealed credentials, run `work` within the time limit, and turn every
+    failure into an answer that names it (never a secret, never a silent timeout)."""
     secrets: dict[str, Any] = {}
-    started = time.monotonic()
     try:
         secrets = open_optional(private_key, request.database.secrets, seal_info("rpc", request.request_id))
         engine = get_engine(request.database.engine)
         conn = Connection(settings=dict(request.database.settings), secrets=_as_str_secrets(secrets))
         async with asyncio.timeout(DB_TEST_TIMEOUT_SECONDS):
-            version = await engine.test(conn)
-            latency_ms = (time.monotonic() - started) * 1000
-            # the connection works (ok), but say so now if a backup or restore would not
-            problem = await tools.connection_warning(engine, version)
+            return await work(engine, conn)
+    except EngineError as exc:
+        return reply(ok=False, error_code=exc.code, error=_scrub(exc.message, secrets))
+    except SealingError as exc:
+        return reply(ok=False, error_code="error", error=str(exc))
+    except TimeoutError:
+        return reply(
+            ok=False,
+            error_code="timeout",
+            error=f"no answer from the database within {DB_TEST_TIMEOUT_SECONDS:.0f} s",
+        )
+    except Exception as exc:
+        log.error(f"{rpc} failed unexpectedly", error_type=type(exc).__name__)
+        return reply(ok=False, error_code="error", error=_scrub(describe_error(exc), secrets))
+
+
+async def test_database(request: DbTestRequest, *, private_key: X25519PrivateKey) -> DbTestReply:
+    started = time.monotonic()
+
+    async def test(engine: Engine, conn: Connection) -> DbTestReply:
+        version = await engine.test(conn)
+        latency_ms = (time.monotonic() - started) * 1000
+        # the connection works (ok), but say so now if a backup or restore would not
+        problem = await tools.connection_warning(engine, version)
         return DbTestReply(
             ok=True,
             server_version=version,
@@ -480,19 +512,25 @@ async def test_database(request: DbTestRequest, *, private_key: X25519PrivateKey
             error_code=problem.code if problem and problem.fatal else None,
             warning=problem.message if problem else None,
         )
-    except EngineError as exc:
-        return DbTestReply(ok=False, error_code=exc.code, error=_scrub(exc.message, secrets))
-    except SealingError as exc:
-        return DbTestReply(ok=False, error_code="error", error=str(exc))
-    except TimeoutError:
-        return DbTestReply(
-            ok=False,
-            error_code="timeout",
-            error=f"no answer from the database within {DB_TEST_TIMEOUT_SECONDS:.0f} s",
+
+    return await _ask_database("db.test", request, private_key, DbTestReply, test)
+
+
+# databases RahatBack itself creates for restores and test restores (engines' scratch names)
+SCRATCH_DATABASE_PREFIX = "rbk_"
+
+
+async def list_databases(request: DbListRequest, *, private_key: X25519PrivateKey) -> DbListReply:
+    """The server's databases for a whole-server job: the engine leaves its system databases out,
+    and our own scratch databases (a test restore may be running) are never backed up."""
+
+    async def listing(engine: Engine, conn: Connection) -> DbListReply:
+        names = await engine.list_databases(conn)
+        return DbListReply(
+            ok=True, databases=sorted(n for n in names if not n.startswith(SCRATCH_DATABASE_PREFIX))
         )
-    except Exception as exc:
-        log.error("db.test failed unexpectedly", error_type=type(exc).__name__)
-        return DbTestReply(ok=False, error_code="error", error=_scrub(describe_error(exc), secrets))
+
+    return await _ask_database("db.list", request, private_key, DbListReply, listing)
 
 
 async def test_storage(request: StorageTestRequest, *, private_key: X25519PrivateKey) -> StorageTestReply:
