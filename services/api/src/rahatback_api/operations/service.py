@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -17,6 +18,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from rahatback_api.agents.service import is_online as _is_online
 from rahatback_api.backups.models import ACTIVE_RUN_STATUSES
+from rahatback_api.backups.selection import select_databases
 from rahatback_api.backups.service import load_backup_key
 from rahatback_api.columns import new_id, utcnow
 from rahatback_api.context import app_context
@@ -57,6 +59,9 @@ SWEEP_INTERVAL = timedelta(seconds=10)
 RPC_TIMEOUT_SECONDS = 20.0
 # a request expires this long after the API stops waiting for its answer
 RPC_EXPIRY_MARGIN = timedelta(seconds=30)
+# a whole-server run backs up at most this many databases (one run each); more is a sign of a mistake
+MAX_SERVER_DATABASES = 1000
+_DATABASE_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
 
 
 _Run = TypeVar("_Run", BackupRun, RestoreRun, VerifyRun)
@@ -142,25 +147,32 @@ def database_target(
     )
 
 
-def saved_database_target(box: SecretBox, db: Database, agent: Agent, info: str) -> m.DatabaseTarget:
+def saved_database_target(
+    box: SecretBox, db: Database, agent: Agent, info: str, database_name: str = ""
+) -> m.DatabaseTarget:
+    """`database_name`: one database of a whole-server connection instead of the one it names."""
+    settings = dict(db.settings)
+    if database_name:
+        settings["database"] = database_name
     return database_target(
         agent,
         info,
         engine=db.engine,
-        name=db.name,
-        settings=dict(db.settings),
+        # names the folder in the storage: one per database of the server
+        name=f"{db.name}.{database_name}" if database_name else db.name,
+        settings=settings,
         secrets=database_secrets(box, db),
         database_id=db.id,
     )
 
 
-_Reply = TypeVar("_Reply", m.DbTestReply, m.StorageTestReply)
+_Reply = TypeVar("_Reply", m.DbTestReply, m.StorageTestReply, m.DbListReply)
 
 
 async def ask_agent(
     bus: Bus,
     agent: Agent,
-    rpc: Literal["db.test", "storage.test"],
+    rpc: Literal["db.test", "storage.test", "db.list"],
     make_request: Callable[[str], m.Message],
     reply_model: type[_Reply],
     timeout: float = RPC_TIMEOUT_SECONDS,  # noqa: ASYNC109 - the NATS request's own deadline
@@ -205,6 +217,22 @@ async def test_connection(
         return m.DbTestRequest(request_id=request_id, database=target_for(m.seal_info("rpc", request_id)))
 
     return await ask_agent(bus, agent, "db.test", request, m.DbTestReply)
+
+
+async def server_databases(bus: Bus, box: SecretBox, agent: Agent, db: Database) -> list[str]:
+    """The databases the server behind `db` holds now, as its agent lists them (`rpc.db.list`)."""
+
+    def request(request_id: str) -> m.DbListRequest:
+        info = m.seal_info("rpc", request_id)
+        return m.DbListRequest(request_id=request_id, database=saved_database_target(box, db, agent, info))
+
+    reply = await ask_agent(bus, agent, "db.list", request, m.DbListReply)
+    if not reply.ok:
+        raise Conflict(f"could not list the databases of {db.name!r}: {reply.error or reply.error_code}")
+    names = [n for n in reply.databases if _DATABASE_NAME.fullmatch(n)]
+    if len(names) != len(reply.databases):
+        log.warning("db.list: names with control characters left out", agent_id=agent.id, database_id=db.id)
+    return names[:MAX_SERVER_DATABASES]
 
 
 async def test_storage(
@@ -280,12 +308,16 @@ async def sealed_key(
 async def start_backup(
     session: AsyncSession,
     box: SecretBox,
+    bus: Bus,
     job: BackupJob,
     *,
     trigger: str,
     offline_after: timedelta,
-) -> BackupRun:
-    """Queue a run of `job` and enqueue its command; a second concurrent run of the job is a 409."""
+) -> list[BackupRun]:
+    """Queue a run of `job` and enqueue its command; a second concurrent run of the job is a 409.
+
+    A whole-server job asks its agent which databases the server holds now and queues one run per
+    selected database (sharing a `batch_id`), so a database created since the last run is included."""
     active = await _first_active(session, BackupRun, job_id=job.id)
     if active is not None:
         raise Conflict(f"job {job.name!r} is already running (run {active}); wait for it to finish")
@@ -299,11 +331,45 @@ async def start_backup(
     if job.encryption_enabled and is_customer_key_id(job.key_id):  # before any run is queued
         await require_key_held(session, agent, job.org_id, job.key_id, "run")
 
+    names, batch_id = [""], None
+    if job.all_databases:
+        found = await server_databases(bus, box, agent, db)
+        names = select_databases(found, job.include_databases, job.exclude_databases)
+        if not names:
+            raise Conflict(
+                f"no database on {db.name!r} matches the job's include/exclude patterns"
+                f" (the server has {len(found)}: {', '.join(found[:20]) or 'none'})"
+            )
+        batch_id = new_id()
+    runs = [
+        await _queue_backup(session, box, job, db, agent, storage, extras, trigger, name, batch_id)
+        for name in names
+    ]
+    job.last_run_at = runs[0].queued_at
+    job.last_run_status = "queued"
+    await session.flush()
+    return runs
+
+
+async def _queue_backup(
+    session: AsyncSession,
+    box: SecretBox,
+    job: BackupJob,
+    db: Database,
+    agent: Agent,
+    storage: Storage,
+    extras: list[Storage],
+    trigger: str,
+    database_name: str,
+    batch_id: str | None,
+) -> BackupRun:
     run = BackupRun(
         id=new_id(),
         org_id=job.org_id,
         job_id=job.id,
         database_id=db.id,
+        database_name=database_name,
+        batch_id=batch_id,
         storage_id=storage.id,
         extra_storage_ids=[s.id for s in extras],
         agent_id=agent.id,
@@ -318,9 +384,6 @@ async def start_backup(
         bytes_done=0,
     )
     session.add(run)
-    job.last_run_at = run.queued_at
-    job.last_run_status = "queued"
-
     info = m.seal_info("run", run.id)
     encryption = m.EncryptionSpec(enabled=False)
     if job.encryption_enabled:
@@ -329,7 +392,7 @@ async def start_backup(
         **command_envelope(job.org_id),
         run_id=run.id,
         job_id=job.id,
-        database=saved_database_target(box, db, agent, info),
+        database=saved_database_target(box, db, agent, info, database_name),
         storage=saved_storage_target(box, storage, agent, info),
         extra_storages=[saved_storage_target(box, s, agent, info) for s in extras],
         compression=job.compression,
@@ -337,7 +400,6 @@ async def start_backup(
         encryption=encryption,
     )
     enqueue_command(session, agent.id, "job.execute", command, f"{run.id}:command")
-    await session.flush()
     return run
 
 
@@ -429,7 +491,10 @@ async def start_restore(
         **command_envelope(run.org_id),
         restore_id=restore.id,
         backup_run_id=run.id,
-        database=saved_database_target(box, target, agent, info),
+        # a whole-server backup goes back into the database it came from on that server
+        database=saved_database_target(
+            box, target, agent, info, run.database_name if target.id == run.database_id else ""
+        ),
         storage=saved_storage_target(box, storage, agent, info),
         storage_key=copy.storage_key or "",
         compression=run.compression,

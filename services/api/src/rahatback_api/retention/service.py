@@ -61,6 +61,8 @@ async def _prune_storage(
             .where(
                 BackupCopy.job_id == job.id,
                 BackupCopy.storage_id == storage_id,
+                # a whole-server job keeps its policy per database
+                BackupRun.database_name == latest.database_name,
                 BackupCopy.status == "completed",
                 col(BackupCopy.pruned_at).is_(None),
             )
