@@ -203,13 +203,14 @@ async def run_job_now(
     session: SessionDep,
     box: SecretBoxDep,
     settings: SettingsDep,
+    bus: BusDep,
 ) -> BackupRunPublic:
     """Queue a backup now; 409 if this job is already queued or running."""
     job = await get_job(session, principal.org_id, job_id)
-    run = await service.start_backup(
-        session, box, job, trigger="manual", offline_after=_offline_after(settings)
+    runs = await service.start_backup(
+        session, box, bus, job, trigger="manual", offline_after=_offline_after(settings)
     )
-    return run_public(run)
+    return run_public(runs[0])  # a whole-server job's others share its batch_id
 
 
 class RestoreRequest(BaseModel):
