@@ -35,6 +35,7 @@ from rahatback_contracts.messages import (
     BackupCommand,
     CancelCommand,
     DatabaseTarget,
+    DbListRequest,
     DbTestRequest,
     EncryptionSpec,
     RestoreCommand,
@@ -630,3 +631,43 @@ def test_agent_metrics_are_served_over_http_when_asked() -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         body = response.read().decode()
     assert "rahatback_agent_jobs_total" in body and "rahatback_agent_running_jobs" in body
+
+
+async def test_db_list_rpc_names_the_servers_databases_but_not_system_or_scratch_ones(
+    nats_server: NatsServer, api_nc: NATS, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    user_db, scratch = f"listed_{suffix}", f"rbk_verify_{suffix}_x"
+    for name in (user_db, scratch):
+        postgres.psql("postgres", f"create database {name}")
+    try:
+        async with running_agent(nats_server, api_nc, tmp_path) as agent:
+            request_id = uuid.uuid4().hex
+            info = seal_info("rpc", request_id)
+            listed = await agent.request(
+                "db.list",
+                DbListRequest(
+                    request_id=request_id,
+                    database=db_target(postgres, "postgres", agent.public_key_b64, info),
+                ),
+            )
+            assert listed["ok"] is True, listed
+            assert user_db in listed["databases"]
+            assert scratch not in listed["databases"]  # a test restore in progress is never backed up
+            assert "postgres" not in listed["databases"] and "template1" not in listed["databases"]
+            assert listed["databases"] == sorted(listed["databases"])
+
+            request_id = uuid.uuid4().hex
+            info = seal_info("rpc", request_id)
+            refused = await agent.request(
+                "db.list",
+                DbListRequest(
+                    request_id=request_id,
+                    database=db_target(postgres, "postgres", agent.public_key_b64, info, WRONG_PASSWORD),
+                ),
+            )
+            assert refused == {**refused, "ok": False, "error_code": "auth_failed", "databases": []}
+            assert WRONG_PASSWORD not in json.dumps(refused)
+    finally:
+        for name in (user_db, scratch):
+            postgres.psql("postgres", f"drop database if exists {name}")

@@ -28,6 +28,8 @@ from rahatback_contracts.messages import (
     BackupStarted,
     CancelCommand,
     CommandRefused,
+    DbListReply,
+    DbListRequest,
     DbTestReply,
     DbTestRequest,
     Heartbeat,
@@ -300,8 +302,12 @@ class Supervisor:
         async def on_storage_test(msg: Msg) -> None:
             self._spawn_rpc(msg, self._answer_storage_test)
 
+        async def on_db_list(msg: Msg) -> None:
+            self._spawn_rpc(msg, self._answer_db_list)
+
         await nc.subscribe(subjects.agent_rpc(self.agent_id, "db.test"), cb=on_db_test)
         await nc.subscribe(subjects.agent_rpc(self.agent_id, "storage.test"), cb=on_storage_test)
+        await nc.subscribe(subjects.agent_rpc(self.agent_id, "db.list"), cb=on_db_list)
 
     def _spawn_rpc(self, msg: Msg, handler: Callable[[Msg], Awaitable[bytes]]) -> None:
         # one slow database must not hold up the next request: answer each in its own task
@@ -341,6 +347,23 @@ class Supervisor:
             self.log.info(
                 "db.test answered", ok=reply.ok, error_code=reply.error_code, request_id=request.request_id
             )
+        return reply.to_bytes()
+
+    async def _answer_db_list(self, msg: Msg) -> bytes:
+        try:
+            request = DbListRequest.model_validate_json(msg.data)
+        except ValidationError as exc:
+            return DbListReply(
+                ok=False, error_code="error", error=f"malformed db.list request: {exc.error_count()} error(s)"
+            ).to_bytes()
+        reply = await jobs.list_databases(request, private_key=self._private_key)
+        self.log.info(
+            "db.list answered",
+            ok=reply.ok,
+            databases=len(reply.databases),
+            error_code=reply.error_code,
+            request_id=request.request_id,
+        )
         return reply.to_bytes()
 
     async def _answer_storage_test(self, msg: Msg) -> bytes:
