@@ -12,12 +12,15 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from fastapi import FastAPI
 from rahatback_agent.keyring import fingerprint
 from rahatback_agent.sealing import open_job_key
 from rahatback_api.columns import utcnow
 from rahatback_api.db import session_scope
 from rahatback_api.models import Agent, OutboxMessage
 from rahatback_api.operations import service
+from rahatback_api.scheduling import service as scheduling
+from rahatback_api.security.secretbox import SecretBox
 from rahatback_contracts import messages as m
 from rahatback_contracts import subjects
 from sqlalchemy import select
@@ -152,12 +155,16 @@ async def test_a_customer_key_job_needs_a_key_its_agent_reports(
 
 
 async def test_the_backup_command_names_the_key_and_carries_no_key_material(
-    client: httpx.AsyncClient, tenant: Tenant
+    client: httpx.AsyncClient, tenant: Tenant, app: FastAPI, box: SecretBox
 ) -> None:
     alpha, _ = await add_agent(tenant, "alpha")
     await report_keys(tenant, alpha, {"ck-alpha": KEY_A})
     db = await bound_database(client, tenant, alpha)
-    job = (await post_job(client, tenant, db, key_custody="customer", customer_key_id="ck-alpha")).json()
+    job = (
+        await post_job(
+            client, tenant, db, key_custody="customer", customer_key_id="ck-alpha", cron="0 3 * * *"
+        )
+    ).json()
 
     run, row = await run_to_completion(client, tenant, job["id"], alpha)
     command = m.BackupCommand.model_validate_json(row.payload)
@@ -180,6 +187,21 @@ async def test_the_backup_command_names_the_key_and_carries_no_key_material(
     assert refused.status_code == 409
     assert "agent 'alpha' does not hold backup key 'ck-alpha'" in refused.json()["detail"]
     assert "no agent reports holding it now" in refused.json()["detail"]
+
+    # a scheduled fire records one failed run saying why, and leaves nothing queued behind
+    fire = utcnow()
+    request = m.BackupRequested(job_id=job["id"], org_id=tenant.org_id, fire_time=fire)
+    async with session_scope(tenant.sessionmaker) as session:
+        await scheduling.handle_backup_requested(
+            session, box, app.state.bus, request, f"sched:{job['id']}:x", offline_after=OFFLINE
+        )
+    history = (await client.get(f"/v1/backups/history?job_id={job['id']}", headers=tenant.headers)).json()
+    assert [(r["status"], r["trigger"]) for r in history["items"]] == [
+        ("failed", "schedule"),
+        ("completed", "manual"),
+    ]
+    assert "does not hold backup key 'ck-alpha'" in history["items"][0]["error"]
+    assert len(await outbox(tenant.sessionmaker, subjects.agent_command(alpha.id, "job.execute"))) == 1
 
 
 async def test_restore_goes_to_an_agent_holding_the_key_or_is_409(
