@@ -405,17 +405,21 @@ async def test_secrets_sealed_for_another_run_are_refused(
     assert list(agent.storage_dir.rglob("*")) == []
 
 
-async def test_expired_command_is_reported_failed_not_run(
+async def test_expired_command_is_refused_and_not_run(
     nats_server: NatsServer, api_nc: NATS, postgres: PostgresServer, tmp_path: Path
 ) -> None:
     source = new_db(postgres, SCHEMA)
     async with running_agent(nats_server, api_nc, tmp_path) as agent:
+        # expired beyond the agent's allowed clock skew (docs/security.md): refused, and reported
         command = backup_command(
-            agent, postgres, source, secrets.token_bytes(32), expires_in=timedelta(seconds=-5)
+            agent, postgres, source, secrets.token_bytes(32), expires_in=timedelta(hours=-1)
         )
         await agent.send_command("job.execute", command)
-        failed = await agent.reports.outcome("backup", "failed", "run_id", command.run_id)
-        assert "expired" in failed["error"]
+        refused_on = subjects.agent_command_refused(agent.agent_id)
+        _, refused = await agent.reports.wait_for(
+            lambda s, b: s == refused_on and b.get("run_id") == command.run_id
+        )
+        assert refused["reason"] == "expired" and "expired at" in refused["detail"]
         # the command is gone from the work queue, and the backup never started
         await asyncio.sleep(0.5)
         started = [b for s, b in agent.reports.received if s.endswith(".started")]
