@@ -149,6 +149,10 @@ async def test_a_customer_key_job_needs_a_key_its_agent_reports(
     assert ok.status_code == 201, ok.text
     job = ok.json()
     assert (job["key_custody"], job["customer_key_id"], job["key_id"]) == ("customer", "ck-alpha", "ck-alpha")
+    moved = await client.patch(
+        f"/v1/backups/jobs/{job['id']}", json={"database_id": on_beta}, headers=tenant.headers
+    )
+    assert field_error(moved)[0] == "customer_key_id" and "'beta' does not report" in field_error(moved)[1]
     managed = await post_job(client, tenant, unbound)
     assert managed.status_code == 201
     assert managed.json()["key_custody"] == "managed" and managed.json()["customer_key_id"] is None

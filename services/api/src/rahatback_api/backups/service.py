@@ -246,6 +246,8 @@ async def update_job(session: AsyncSession, org_id: str, job_id: str, data: Back
         extras = job.extra_storage_ids if data.extra_storage_ids is None else data.extra_storage_ids
         await _check_targets(session, org_id, database_id, storage_id, list(extras))
         job.database_id, job.storage_id, job.extra_storage_ids = database_id, storage_id, list(extras)
+        if job.key_custody == "customer":  # the new targets' agent must hold the job's key too
+            await check_job_customer_key(session, job, job.key_id)
     if fields & {"database_id", "all_databases", "include_databases", "exclude_databases"}:
         await _set_database_selection(
             session,
