@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
@@ -65,6 +66,10 @@ async def get_principal(
     if row is None:
         raise _unauthorized()
     token, user, membership = row
+    # the row was found through the hash's unique index; confirm in constant time, so that accepting a
+    # token never depends on how the database happened to compare strings
+    if not hmac.compare_digest(token.token_hash, hash_token(credentials.credentials)):
+        raise _unauthorized()
     now = utcnow()
     if token.revoked_at is not None or (token.expires_at is not None and token.expires_at <= now):
         raise _unauthorized()
