@@ -306,3 +306,47 @@ def test_the_keygen_command_prints_a_usable_key(capsys: pytest.CaptureFixture[st
     signer = Settings(command_signing_key=key, var_dir=tmp_path).command_signer()
     assert signer.public_key_b64 in err  # the public half, for the record
     assert key not in err
+
+
+async def test_a_refused_prune_fails_that_retention_pass_and_its_files_wait_for_the_next(
+    app: FastAPI, client: httpx.AsyncClient, tenant: Tenant, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
+    agent_id, _ = await enroll(client, tenant)
+    storage = await create_storage(client, tenant)
+    job = await create_job(client, tenant, storage_id=storage["id"], retention={"keep_last": 1})
+    runs = []
+    for n in range(2):
+        run_id = (await client.post(f"/v1/backups/jobs/{job['id']}/run", headers=tenant.headers)).json()["id"]
+        report = completed(agent_id, run_id, str(storage["id"]))
+        assert await apply(
+            sessionmaker, subjects.agent_report(agent_id, "backup", "completed"), report, f"c{n}"
+        )
+        runs.append(run_id)
+    async with session_scope(sessionmaker) as session:
+        row = (
+            await session.execute(
+                select(OutboxMessage).where(
+                    OutboxMessage.subject == subjects.agent_command(agent_id, "prune.execute")
+                )
+            )
+        ).scalar_one()
+    prune = m.PruneCommand.model_validate_json(row.payload)
+    refused = m.CommandRefused(
+        agent_id=agent_id,
+        occurred_at=utcnow(),
+        subject=row.subject,
+        reason="expired",
+        detail="expired at 2026-01-01T00:00:00+00:00 (3 h ago)",
+        command_id=prune.command_id,
+        run_kind="prune",
+        run_id=prune.prune_id,
+    )
+    assert await apply(sessionmaker, subjects.agent_command_refused(agent_id), refused, "r1")
+    first = (await client.get(f"/v1/backups/history/{runs[0]}", headers=tenant.headers)).json()
+    assert first["pruned_at"] is None
+    assert (
+        first["prune_error"]
+        == "the agent refused the command: expired at 2026-01-01T00:00:00+00:00 (3 h ago)"
+    )
+    job_now = (await client.get(f"/v1/backups/jobs/{job['id']}", headers=tenant.headers)).json()
+    assert "the agent refused the command" in job_now["last_prune_error"]
