@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import nats
+import nats.errors
 import pytest
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
@@ -225,3 +226,14 @@ async def jwt_api(nats_jwt_server: JwtNats, tmp_path: Path) -> AsyncIterator[Jwt
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
             yield JwtApi(app, client, token)
+
+
+async def assert_refused(url: str, **options: Any) -> None:
+    """Connecting is refused with an authorization error (nats-py leaves the socket of a refused
+    connection open: close the client ourselves)."""
+    nc = NATS()
+    try:
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nc.connect(url, allow_reconnect=False, **options)
+    finally:
+        await nc.close()

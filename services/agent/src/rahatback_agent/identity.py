@@ -36,6 +36,11 @@ class AgentIdentity(BaseModel):
     command_key_id: str | None = None
     command_public_key_b64: str | None = None
 
+    # operator/JWT mode (docs/nats-security.md): the NATS user nkey seed generated here (never sent)
+    # and the current user JWT; both None when the control plane runs NATS in plain mode
+    nats_seed: str | None = None
+    nats_jwt: str | None = None
+
     def __repr__(self) -> str:  # keep the private key out of tracebacks and logs
         return f"AgentIdentity(agent_id={self.agent_id!r}, org_id={self.org_id!r}, name={self.name!r})"
 

@@ -28,6 +28,7 @@ from .identity import (
     save_identity,
 )
 from .logging import configure_logging
+from .nats_credentials import new_user_nkey
 from .settings import AgentSettings, default_config_path
 
 ENROLL_TOKEN_ENV = "RAHATBACK_AGENT_ENROLL_TOKEN"  # noqa: S105 - the name of a variable, not a token
@@ -68,6 +69,7 @@ def enroll(
     from .jobs import supported_engines, supported_storages
 
     key = generate_private_key()
+    nats_user = new_user_nkey()
     hostname = socket.gethostname()
     agent_name = name or hostname
     body = {
@@ -76,6 +78,7 @@ def enroll(
         "hostname": hostname,
         "version": __version__,
         "x25519_public_key": public_key_b64(key),
+        "nats_public_key": nats_user.public,  # the seed stays here (docs/nats-security.md)
         "engines": supported_engines(),
         "storages": supported_storages(),
     }
@@ -108,6 +111,9 @@ def enroll(
             api_url=api_url.rstrip("/"),
             name=agent_name,
             x25519_private_key_b64=private_key_b64(key),
+            # JWT mode: the API minted a user JWT for our nkey; plain mode: neither is kept
+            nats_seed=nats_user.seed if data.get("nats_jwt") else None,
+            nats_jwt=data.get("nats_jwt"),
             command_key_id=data["command_signing_key_id"],
             command_public_key_b64=data["command_signing_public_key"],
         )

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import nats
@@ -55,6 +55,7 @@ from . import __version__, jobs, metrics, tools, verification
 from .command_auth import CommandAuth, CommandRefusal, describe_body
 from .identity import AgentIdentity
 from .keyring import Keyring
+from .nats_credentials import NatsCredentials
 from .scratch_registry import ScratchRegistry
 from .settings import AgentSettings
 
@@ -118,6 +119,8 @@ class Supervisor:
         self._engines = jobs.supported_engines()
         self._storages = jobs.supported_storages()
         self._scratch_registry = ScratchRegistry.beside(settings.config)
+        # JWT mode: the nkey seed and user JWT from enrollment, renewed here; None in plain mode
+        self._nats_credentials = NatsCredentials.for_identity(identity, settings.config)
         # signature, expiry and replay checks of everything the API sends (CommandAuthError if unpinned)
         self._auth = CommandAuth.for_identity(
             identity,
@@ -170,6 +173,9 @@ class Supervisor:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._progress_loop(), name="progress"),
         ]
+        if self._nats_credentials is not None:
+            renewing = self._nats_credentials.renew_loop(nc, self._closing)
+            background.append(asyncio.create_task(renewing, name="nats-credentials"))
         try:
             await self._command_loop(stop)
         finally:
@@ -215,6 +221,7 @@ class Supervisor:
                     error_cb=error_cb,
                     disconnected_cb=disconnected_cb,
                     reconnected_cb=reconnected_cb,
+                    **self._nats_credential_options(stop),
                 )
             )
             stopping = asyncio.create_task(stop.wait())
@@ -236,6 +243,27 @@ class Supervisor:
             metrics.NATS_CONNECTED.set(1)
             return nc
         return None
+
+    def _nats_credential_options(self, stop: asyncio.Event) -> dict[str, Any]:
+        """JWT mode: sign in with the agent's own NATS user (docs/nats-security.md)."""
+        credentials = self._nats_credentials
+        if credentials is None:
+            return {}
+        if credentials.expired():
+            self.log.error(
+                "the agent's NATS credentials have expired; the control plane must issue new ones "
+                "(re-enroll the agent)",
+                expires_at=credentials.expires_at.isoformat(),
+            )
+
+        def closed_by_server() -> None:
+            metrics.NATS_CONNECTED.set(0)
+            if not self._closing.is_set() and not stop.is_set():
+                # nats-py gives up after the server refused us (revoked or expired credentials)
+                self.log.error("nats closed the connection and refuses this agent; stopping")
+                stop.set()
+
+        return credentials.connect_options(closed_by_server)
 
     @staticmethod
     async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

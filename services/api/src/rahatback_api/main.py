@@ -9,12 +9,15 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import structlog
 import uvicorn
 from fastapi import APIRouter, FastAPI
 from rahatback_contracts.signing import decode_private_key
 
+from rahatback_api.agents.nats_identity import nats_identity_lifespan
+from rahatback_api.agents.revocation import router as agent_revocation_router
 from rahatback_api.agents.router import router as agents_router
 from rahatback_api.audit.client import parse_trusted_proxies
 from rahatback_api.audit.middleware import AuditMiddleware
@@ -55,6 +58,7 @@ ROUTERS: list[APIRouter] = [
     health_router,
     auth_router,
     agents_router,
+    agent_revocation_router,
     databases_router,
     storages_router,
     backups_router,
@@ -69,7 +73,7 @@ ROUTERS: list[APIRouter] = [
 # Extra lifespan steps (NATS connection, outbox relay, consumers), entered in order after the
 # database is ready and exited in reverse before it closes. Each gets the app and may use app.state.
 LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[None]]
-LIFESPAN_HOOKS: list[LifespanHook] = [nats_lifespan]
+LIFESPAN_HOOKS: list[LifespanHook] = [nats_lifespan, nats_identity_lifespan]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -162,7 +166,20 @@ def main(argv: list[str] | None = None) -> None:
         "command-signing-keygen",
         help="print a new RAHATBACK_COMMAND_SIGNING_KEY (agents enrolled under the old key must re-enroll)",
     )
+    nats_setup = commands.add_parser(
+        "nats-setup",
+        help="create the NATS operator, accounts, service users and server config for JWT mode (once)",
+    )
+    nats_setup.add_argument("--out", type=Path, required=True, help="folder for keys, creds and config")
+    nats_setup.add_argument(
+        "--resolver-dir", default="/data/jwt", help="where nats-server keeps account JWTs (its own volume)"
+    )
     args = parser.parse_args(argv)
+    if args.command == "nats-setup":
+        from rahatback_api.security.nats_setup import print_setup
+
+        print_setup(args.out, args.resolver_dir)
+        return
     if args.command == "command-signing-keygen":
         _print_signing_key()
         return

@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     # and request to an agent is signed with it; agents pin its public half and id at enrollment
     command_signing_key: SecretStr | None = None
     command_signing_key_id: str = "c1"
+    # operator/JWT mode (docs/nats-security.md; files from `rahatback-api nats-setup`): the API's own
+    # NATS user, the system-account user that pushes revocations, and api-signing.json, which turns
+    # on minting agents' user JWTs. Unset: plain NATS, as in the dev stack.
+    nats_creds: Path | None = None
+    nats_system_creds: Path | None = None
+    nats_signing: Path | None = None
+    # lifetime of an agent's NATS user JWT; the agent renews it at half-life
+    agent_jwt_hours: float = Field(default=24.0, gt=0, le=24 * 30)
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
     login_token_hours: int = 12

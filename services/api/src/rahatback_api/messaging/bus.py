@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import nats
 import structlog
@@ -21,6 +22,8 @@ from rahatback_contracts.messages import Message
 from rahatback_jetstream import consumer_config, key_value, stream_config
 
 log = structlog.get_logger(__name__)
+
+API_INBOX = "_INBOX.api"  # what the API's NATS user may subscribe to in JWT mode (nats-setup)
 
 
 class NatsUnreachable(RuntimeError):
@@ -52,7 +55,12 @@ class Bus:
 
     @classmethod
     async def connect(
-        cls, url: str, name: str = "rahatback-api", first_connect_seconds: float = 30, replicas: int = 1
+        cls,
+        url: str,
+        name: str = "rahatback-api",
+        first_connect_seconds: float = 30,
+        replicas: int = 1,
+        creds: Path | None = None,
     ) -> Bus:
         """Connect (and later reconnect forever); refuse to start if NATS is unreachable at first."""
 
@@ -76,6 +84,9 @@ class Bus:
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
+                    # JWT mode (docs/nats-security.md): the API's own user, its replies in its own inbox
+                    user_credentials=str(creds) if creds else None,
+                    inbox_prefix=API_INBOX if creds else "_INBOX",
                 ),
                 first_connect_seconds,
             )

@@ -25,7 +25,7 @@ log = structlog.get_logger(__name__)
 async def nats_lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     sessions = app.state.sessionmaker
-    bus = await Bus.connect(settings.nats_url, replicas=settings.stream_replicas)
+    bus = await Bus.connect(settings.nats_url, replicas=settings.stream_replicas, creds=settings.nats_creds)
     bus.command_signer = app.state.command_signer  # RPC requests to agents are signed too
 
     async def org_of_agent(agent_id: str) -> str | None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from rahatback_api.agents.nats_identity import NatsAuthorityDep
 from rahatback_api.agents.service import consume_enrollment_token, get_usable_agent
 from rahatback_api.auth.deps import CurrentPrincipal, OperatorPrincipal
 from rahatback_api.backups.models import BackupRunPublic, RestoreRunPublic
@@ -57,6 +58,8 @@ class EnrollRequest(BaseModel):
     x25519_public_key: str = Field(min_length=40, max_length=64, description="base64 of the raw 32-byte key")
     engines: list[str] = Field(default_factory=list, max_length=20)
     storages: list[str] = Field(default_factory=list, max_length=20)
+    # the public half of the NATS user nkey the agent generated (`U…`); needed in JWT mode
+    nats_public_key: str | None = Field(default=None, max_length=56)
 
 
 class EnrollResponse(BaseModel):
@@ -66,11 +69,14 @@ class EnrollResponse(BaseModel):
     # the agent pins these and refuses any command or request not signed by that key
     command_signing_key_id: str
     command_signing_public_key: str = Field(description="base64 of the raw 32-byte Ed25519 public key")
+    # JWT mode only: the agent's NATS user JWT (renewed over `agent.<id>.credentials.renew`)
+    nats_jwt: str | None = None
+    nats_jwt_expires_at: datetime | None = None
 
 
 @router.post("/v1/agents/enroll", status_code=status.HTTP_201_CREATED, response_model=EnrollResponse)
 async def enroll(
-    body: EnrollRequest, session: SessionDep, settings: SettingsDep, bus: BusDep
+    body: EnrollRequest, session: SessionDep, settings: SettingsDep, bus: BusDep, authority: NatsAuthorityDep
 ) -> EnrollResponse:
     """Exchange a one-time enrollment token for an agent identity (the agent keeps its private key)."""
     enrollment = await consume_enrollment_token(session, body.token)
@@ -85,6 +91,8 @@ async def enroll(
         engines=body.engines,
         storages=body.storages,
     )
+    # JWT mode: a short-lived user JWT for the agent's own nkey (docs/nats-security.md)
+    nats_credentials = authority.enroll(agent, body.nats_public_key) if authority else None
     session.add(agent)
     await session.flush()
     # the agent may only bind to its consumer, never create one: make it before the agent asks
@@ -97,6 +105,8 @@ async def enroll(
         nats_url=settings.nats_url,
         command_signing_key_id=signer.key_id,
         command_signing_public_key=signer.public_key_b64,
+        nats_jwt=nats_credentials.jwt if nats_credentials else None,
+        nats_jwt_expires_at=nats_credentials.expires_at if nats_credentials else None,
     )
 
 

@@ -1,0 +1,276 @@
+"""Agents' NATS identities in operator/JWT mode (docs/nats-security.md).
+
+The API holds the account's scoped signing key for agents and mints each agent a short-lived user
+JWT for the public nkey the agent sent at enrollment (name = agent id, so the signing key's
+permission template confines it to its own subjects). It also holds an operator signing key, with
+which it re-issues the account JWT carrying the revocations of revoked agents and pushes it to the
+servers through a system-account user. Without `RAHATBACK_NATS_SIGNING` the API runs NATS in plain
+mode and none of this is active.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import nats
+import structlog
+from fastapi import Depends, FastAPI, Request
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from rahatback_contracts import subjects
+from rahatback_contracts.credentials import CredentialsRenewReply
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col, select
+
+from rahatback_api.agents.models import Agent
+from rahatback_api.columns import utcnow
+from rahatback_api.db import session_scope
+from rahatback_api.errors import AppError
+from rahatback_api.security import nats_jwt
+from rahatback_api.settings import ConfigurationError, Settings
+
+log = structlog.get_logger(__name__)
+
+CLAIMS_UPDATE = "$SYS.REQ.CLAIMS.UPDATE"
+RENEWALS_QUEUE = "api-credentials"
+# a revoked agent's entry stays in the account JWT until every JWT it could hold has expired
+REVOCATION_MARGIN = timedelta(hours=1)
+
+
+class NatsIdentityError(RuntimeError):
+    """The NATS servers did not accept an account update; the message says what they answered."""
+
+
+@dataclass(frozen=True)
+class SigningMaterial:
+    """`api-signing.json` as written by `rahatback-api nats-setup`."""
+
+    account_name: str
+    account_public_key: str
+    account_claims: dict[str, Any]
+    operator_signing: nats_jwt.NKey
+    agent_signing: nats_jwt.NKey
+
+    @classmethod
+    def load(cls, path: Path) -> SigningMaterial:
+        try:
+            data = json.loads(path.read_text())
+            return cls(
+                account_name=data["account_name"],
+                account_public_key=nats_jwt.check_public_key(data["account_public_key"], "account"),
+                account_claims=data["account_claims"],
+                operator_signing=nats_jwt.nkey_from_seed(data["operator_signing_seed"], "operator"),
+                agent_signing=nats_jwt.nkey_from_seed(data["agent_signing_seed"], "account"),
+            )
+        except FileNotFoundError:
+            raise ConfigurationError(
+                f"RAHATBACK_NATS_SIGNING: {path} does not exist (run `rahatback-api nats-setup --out DIR`)"
+            ) from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigurationError(
+                f"RAHATBACK_NATS_SIGNING: {path} is not the api-signing.json written by "
+                f"`rahatback-api nats-setup` ({type(exc).__name__}: {exc})"
+            ) from None
+
+
+@dataclass(frozen=True)
+class IssuedCredentials:
+    jwt: str
+    expires_at: datetime
+
+
+class NatsAuthority:
+    def __init__(
+        self, material: SigningMaterial, *, lifetime: timedelta, nats_url: str, system_creds: Path | None
+    ) -> None:
+        self.material = material
+        self.lifetime = lifetime
+        self.nats_url = nats_url
+        self.system_creds = system_creds
+        self._last_account_iat = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> NatsAuthority | None:
+        if settings.nats_signing is None:
+            return None
+        if settings.nats_system_creds is None:
+            raise ConfigurationError(
+                "RAHATBACK_NATS_SIGNING is set but RAHATBACK_NATS_SYSTEM_CREDS is not: revoking an agent "
+                "needs the system-account user (creds/api-system.creds from `rahatback-api nats-setup`)"
+            )
+        return cls(
+            SigningMaterial.load(settings.nats_signing),
+            lifetime=timedelta(hours=settings.agent_jwt_hours),
+            nats_url=settings.nats_url,
+            system_creds=settings.nats_system_creds,
+        )
+
+    # ------------------------------------------------------------------ agent JWTs
+
+    def issue(self, agent: Agent) -> IssuedCredentials:
+        """A fresh user JWT for the agent's registered nkey; records its expiry on the row."""
+        if agent.revoked_at is not None:
+            raise AppError("this agent was revoked; enroll the host again with a new token", 403)
+        if agent.nats_public_key is None:
+            raise AppError(
+                "this agent was enrolled while NATS ran in plain mode; enroll it again to get NATS "
+                "credentials",
+                409,
+            )
+        expires_at = (utcnow() + self.lifetime).replace(microsecond=0)
+        token = nats_jwt.agent_user_jwt(
+            agent_id=agent.id,
+            user_public_key=agent.nats_public_key,
+            account_public_key=self.material.account_public_key,
+            signing_key=self.material.agent_signing,
+            expires_at=int(expires_at.timestamp()),
+        )
+        agent.nats_jwt_expires_at = expires_at
+        return IssuedCredentials(jwt=token, expires_at=expires_at)
+
+    def enroll(self, agent: Agent, nats_public_key: str | None) -> IssuedCredentials:
+        if nats_public_key is None:
+            raise AppError(
+                "this control plane runs NATS in operator/JWT mode: the agent must send its NATS "
+                "public key (nats_public_key); upgrade the agent",
+                422,
+                field="nats_public_key",
+            )
+        try:
+            agent.nats_public_key = nats_jwt.check_public_key(nats_public_key, "user")
+        except nats_jwt.NatsJwtError as exc:
+            raise AppError(f"nats_public_key: {exc}", 422, field="nats_public_key") from None
+        return self.issue(agent)
+
+    # ------------------------------------------------------------------ revocations
+
+    async def revocations(self, session: AsyncSession) -> dict[str, int]:
+        """Revoked agents whose JWTs may still be valid: public key → revocation time. Every JWT
+        issued to that key at or before that time is refused by the servers."""
+        horizon = utcnow() - REVOCATION_MARGIN
+        rows = await session.execute(
+            select(Agent).where(col(Agent.revoked_at).is_not(None), col(Agent.nats_public_key).is_not(None))
+        )
+        result: dict[str, int] = {}
+        for agent in rows.scalars():
+            assert agent.revoked_at is not None and agent.nats_public_key is not None
+            if agent.nats_jwt_expires_at is not None and agent.nats_jwt_expires_at < horizon:
+                continue  # its last JWT has expired and the API renews no more: nothing to revoke
+            result[agent.nats_public_key] = int(agent.revoked_at.timestamp())
+        return result
+
+    def account_jwt(self, revocations: dict[str, int]) -> str:
+        claims = dict(self.material.account_claims)
+        if revocations:
+            claims["revocations"] = dict(sorted(revocations.items()))
+        # a later update must never carry an older issue time than the one it replaces
+        issued_at = max(int(time.time()), self._last_account_iat + 1)
+        self._last_account_iat = issued_at
+        return nats_jwt.encode(
+            subject=self.material.account_public_key,
+            name=self.material.account_name,
+            nats=claims,
+            signer=self.material.operator_signing,
+            issued_at=issued_at,
+        )
+
+    async def push_revocations(self, session: AsyncSession) -> int:
+        """Re-issue the account JWT with every current revocation and push it to the servers, which
+        close the revoked users' connections at once and refuse them afterwards."""
+        revocations = await self.revocations(session)
+        token = self.account_jwt(revocations)
+        nc = await nats.connect(
+            servers=[self.nats_url],
+            name="rahatback-api-system",
+            user_credentials=str(self.system_creds),
+            allow_reconnect=False,
+            connect_timeout=5,
+        )
+        try:
+            reply = await nc.request(CLAIMS_UPDATE, token.encode(), timeout=5)
+        finally:
+            await nc.close()
+        answer = json.loads(reply.data)
+        if "error" in answer:
+            raise NatsIdentityError(f"NATS refused the account update: {answer['error']}")
+        log.info("nats.account_updated", revocations=len(revocations))
+        return len(revocations)
+
+
+class CredentialRenewals:
+    """Answers `agent.<id>.credentials.renew` (queue group: one API replica answers each)."""
+
+    def __init__(self, authority: NatsAuthority, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.authority = authority
+        self.sessions = sessions
+        self._sub: Subscription | None = None
+
+    async def start(self, nc: Client) -> None:
+        self._sub = await nc.subscribe(
+            subjects.ALL_CREDENTIAL_RENEWALS, queue=RENEWALS_QUEUE, cb=self._on_request
+        )
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_request(self, msg: Msg) -> None:
+        try:
+            agent_id = subjects.agent_id_of(msg.subject)  # bound by NATS permissions, unlike a body
+        except ValueError:
+            return
+        reply = await self.renew(agent_id)
+        if msg.reply:
+            await msg.respond(reply.to_bytes())
+
+    async def renew(self, agent_id: str) -> CredentialsRenewReply:
+        try:
+            async with session_scope(self.sessions) as session:
+                agent = await session.get(Agent, agent_id, with_for_update=True)
+                if agent is None:
+                    return CredentialsRenewReply(error="unknown agent")
+                issued = self.authority.issue(agent)
+        except AppError as exc:
+            log.warning("nats.renewal_refused", agent_id=agent_id, reason=exc.message)
+            return CredentialsRenewReply(error=exc.message)
+        log.info("nats.credentials_renewed", agent_id=agent_id, expires_at=issued.expires_at.isoformat())
+        return CredentialsRenewReply(jwt=issued.jwt, expires_at=issued.expires_at.astimezone(UTC))
+
+
+def _authority(request: Request) -> NatsAuthority | None:
+    authority: NatsAuthority | None = getattr(request.app.state, "nats_authority", None)
+    return authority
+
+
+NatsAuthorityDep = Annotated[NatsAuthority | None, Depends(_authority)]
+
+
+@asynccontextmanager
+async def nats_identity_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """After the bus is up: load the signing material, re-push the revocations (a server may have
+    missed the last push, or been restored from the setup's original account JWT) and answer
+    renewals. Plain mode: nothing."""
+    settings: Settings = app.state.settings
+    authority = NatsAuthority.from_settings(settings)
+    app.state.nats_authority = authority
+    if authority is None:
+        yield
+        return
+    sessions: async_sessionmaker[AsyncSession] = app.state.sessionmaker
+    async with session_scope(sessions) as session:
+        await authority.push_revocations(session)
+    renewals = CredentialRenewals(authority, sessions)
+    await renewals.start(app.state.bus.nc)
+    try:
+        yield
+    finally:
+        await renewals.stop()

@@ -1,0 +1,238 @@
+"""Agents' NATS credentials through the API in JWT mode: minted at enrollment for the agent's own
+nkey, renewed over the agent's own subject, and revoked by an admin (issue 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client as NATS
+from rahatback_agent.identity import AgentIdentity, generate_private_key, load_identity, private_key_b64
+from rahatback_agent.nats_credentials import NatsCredentials
+from rahatback_api.agents.models import Agent
+from rahatback_api.security import nats_jwt
+from rahatback_contracts import streams, subjects
+from rahatback_contracts.messages import Heartbeat
+
+from tests.security.conftest import ConnectAs, JwtApi, JwtNats, assert_refused
+
+pytestmark = pytest.mark.integration
+
+
+async def api_bus_consumer(api: JwtApi, agent_id: str) -> Any:
+    spec = streams.agent_commands_consumer(agent_id)
+    return await api.app.state.bus.js.consumer_info(spec.stream, spec.durable)
+
+
+async def test_enrollment_mints_a_short_lived_jwt_for_the_agents_own_key(
+    jwt_api: JwtApi, nats_jwt_server: JwtNats, connect_as: ConnectAs
+) -> None:
+    user = nats_jwt.new_nkey("user")
+    enrolled = await jwt_api.enroll(user)
+    agent_id = enrolled["agent_id"]
+    claims = nats_jwt.decode_claims(enrolled["nats_jwt"])
+    signing = nats_jwt_server.signing
+    agent_signing_key = nats_jwt.nkey_from_seed(signing["agent_signing_seed"], "account").public
+    assert claims["sub"] == user.public  # the agent's key: the API never saw its seed
+    assert claims["name"] == agent_id  # what the permission template confines it to
+    assert claims["iss"] == agent_signing_key
+    assert claims["nats"] == {"type": "user", "version": 2, "issuer_account": signing["account_public_key"]}
+    lifetime = claims["exp"] - time.time()
+    assert 23.9 * 3600 < lifetime <= 24 * 3600
+    assert datetime.fromisoformat(enrolled["nats_jwt_expires_at"]) == datetime.fromtimestamp(
+        claims["exp"], UTC
+    )
+    # the consumer exists before the agent asks: it can only bind to it
+    assert (await api_bus_consumer(jwt_api, agent_id)).name == f"agent-{agent_id}"
+
+    agent = await connect_as(agent_id=agent_id, user=user, jwt=enrolled["nats_jwt"])
+    await agent.nc.publish(subjects.agent_heartbeat(agent_id), b"{}")
+    await agent.nc.flush()
+    assert agent.errors == []
+
+
+async def test_jwt_mode_refuses_an_agent_that_sends_no_nats_key(jwt_api: JwtApi) -> None:
+    token = (await jwt_api.ok("POST", "/v1/agents/enrollment-tokens", {}))["token"]
+    body = {"token": token, "name": "old", "x25519_public_key": "A" * 43 + "="}
+    response = await jwt_api.client.post("/v1/agents/enroll", json=body)
+    assert response.status_code == 422
+    assert "nats_public_key" in response.json()["detail"]
+    assert "upgrade the agent" in response.json()["detail"]
+    # a bad key is refused just as clearly, and the one-time token is still unused
+    response = await jwt_api.client.post(
+        "/v1/agents/enroll", json={**body, "nats_public_key": "U" + "A" * 55}
+    )
+    assert response.status_code == 422 and "not a NATS user public key" in response.json()["detail"]
+
+
+def agent_identity(enrolled: dict[str, Any], user: nats_jwt.NKey, nats_url: str) -> AgentIdentity:
+    """What `rahatback-agent enroll` saves from the same answer."""
+    return AgentIdentity(
+        agent_id=enrolled["agent_id"],
+        org_id=enrolled["org_id"],
+        nats_url=nats_url,
+        api_url="http://api.test",
+        name="host",
+        x25519_private_key_b64=private_key_b64(generate_private_key()),
+        nats_seed=user.seed,
+        nats_jwt=enrolled["nats_jwt"],
+    )
+
+
+async def connect_agent(
+    credentials: NatsCredentials, nats_url: str, on_closed: asyncio.Event, reconnected: asyncio.Event
+) -> NATS:
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    return await nats.connect(
+        nats_url,
+        inbox_prefix=subjects.agent_inbox_prefix(credentials.agent_id),
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.2,
+        reconnected_cb=on_reconnect,
+        **credentials.connect_options(on_closed.set),
+    )
+
+
+async def test_renewal_over_the_agents_own_subject_yields_a_working_new_jwt(
+    jwt_api: JwtApi, nats_jwt_server: JwtNats, tmp_path: Path
+) -> None:
+    user = nats_jwt.new_nkey("user")
+    enrolled = await jwt_api.enroll(user)
+    config = tmp_path / "agent.json"
+    identity = agent_identity(enrolled, user, nats_jwt_server.url)
+    from rahatback_agent.identity import save_identity
+
+    save_identity(identity, config)
+    credentials = NatsCredentials.for_identity(identity, config)
+    assert credentials is not None
+    closed, reconnected = asyncio.Event(), asyncio.Event()
+    nc = await connect_agent(credentials, nats_jwt_server.url, closed, reconnected)
+    await asyncio.sleep(1.1)  # a JWT minted in the same second would be the same JWT
+
+    assert await credentials.renew(nc) is True
+    renewed = load_identity(config).nats_jwt
+    assert renewed is not None and renewed != enrolled["nats_jwt"] and credentials.jwt == renewed
+    new_claims, old_claims = nats_jwt.decode_claims(renewed), nats_jwt.decode_claims(enrolled["nats_jwt"])
+    assert new_claims["sub"] == user.public and new_claims["name"] == enrolled["agent_id"]
+    assert new_claims["exp"] > old_claims["exp"]
+    # the agent reconnected with the new JWT, and it works
+    await asyncio.wait_for(reconnected.wait(), 10)
+    beat = Heartbeat(agent_id=enrolled["agent_id"], version="t", at=datetime.now(UTC))
+    heard = await jwt_api.app.state.bus.nc.subscribe(subjects.agent_heartbeat(enrolled["agent_id"]))
+    await jwt_api.app.state.bus.nc.flush()
+    await nc.publish(subjects.agent_heartbeat(enrolled["agent_id"]), beat.to_bytes())
+    await nc.flush(timeout=5)
+    assert (await heard.next_msg(timeout=5)).data == beat.to_bytes()
+    async with jwt_api.app.state.sessionmaker() as session:
+        row = await session.get(Agent, enrolled["agent_id"])
+        assert row is not None and row.nats_jwt_expires_at is not None
+        assert int(row.nats_jwt_expires_at.timestamp()) == new_claims["exp"]
+    assert not closed.is_set()
+    await nc.close()
+
+
+async def test_revoking_an_agent_disconnects_it_refuses_reconnects_and_removes_its_commands(
+    jwt_api: JwtApi, nats_jwt_server: JwtNats, tmp_path: Path
+) -> None:
+    user = nats_jwt.new_nkey("user")
+    enrolled = await jwt_api.enroll(user)
+    agent_id = enrolled["agent_id"]
+    identity = agent_identity(enrolled, user, nats_jwt_server.url)
+    config = tmp_path / "agent.json"
+    credentials = NatsCredentials(identity, config)
+    closed, reconnected = asyncio.Event(), asyncio.Event()
+    nc = await connect_agent(credentials, nats_jwt_server.url, closed, reconnected)
+    # online (a heartbeat) with a queued backup whose command waits in its consumer
+    beat = Heartbeat(agent_id=agent_id, version="t", at=datetime.now(UTC))
+    await nc.publish(subjects.agent_heartbeat(agent_id), beat.to_bytes())
+    source = tmp_path / "app.db"
+    source.write_bytes(b"")
+    for _ in range(50):
+        if (await jwt_api.ok("GET", f"/v1/agents/{agent_id}"))["online"]:
+            break
+        await asyncio.sleep(0.1)
+    database = await jwt_api.ok(
+        "POST",
+        "/v1/databases",
+        {"name": "app", "engine": "sqlite", "agent_id": agent_id, "settings": {"path": str(source)}},
+    )
+    storage = await jwt_api.ok(
+        "POST",
+        "/v1/storages",
+        {"name": "disk", "kind": "local", "agent_id": agent_id, "settings": {"path": str(tmp_path)}},
+    )
+    job = await jwt_api.ok(
+        "POST",
+        "/v1/backups/jobs",
+        {"name": "nightly", "database_id": database["id"], "storage_id": storage["id"]},
+    )
+    run = await jwt_api.ok("POST", f"/v1/backups/jobs/{job['id']}/run")
+    for _ in range(100):
+        if (await api_bus_consumer(jwt_api, agent_id)).num_pending == 1:
+            break
+        await asyncio.sleep(0.1)
+
+    started = time.monotonic()
+    revoked = await jwt_api.ok("POST", f"/v1/agents/{agent_id}/revoke")
+    await asyncio.wait_for(closed.wait(), 5)  # the server closed its live connection
+    disconnected_after = time.monotonic() - started
+
+    assert revoked["agent_id"] == agent_id and revoked["nats_user_revoked"] is True
+    assert (revoked["runs_failed"], revoked["consumer_deleted"], revoked["commands_purged"]) == (1, True, 1)
+    assert "connection was closed" in revoked["detail"]
+    assert disconnected_after < 5
+    await assert_refused(nats_jwt_server.url, **credentials.connect_options(lambda: None))
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await api_bus_consumer(jwt_api, agent_id)
+    spec = streams.agent_commands_consumer(agent_id)
+    with pytest.raises(nats.js.errors.NotFoundError):  # nothing addressed to it is left
+        await jwt_api.app.state.bus.js.get_last_msg(
+            spec.stream, subjects.agent_command(agent_id, "job.execute")
+        )
+    failed = await jwt_api.ok("GET", f"/v1/backups/history/{run['id']}")
+    assert failed["status"] == "failed" and failed["error"] == "agent 'host' was revoked"
+    agent = await jwt_api.ok("GET", f"/v1/agents/{agent_id}")
+    assert agent["revoked"] is True and agent["online"] is False
+
+    # no more credentials for it, even with the key it holds
+    renewals = jwt_api.app.state.nats_authority
+    async with jwt_api.app.state.sessionmaker() as session:
+        row = await session.get(Agent, agent_id)
+        assert row is not None
+        with pytest.raises(Exception, match="revoked"):
+            renewals.issue(row)
+    # revoking again is safe and says the same
+    again = await jwt_api.ok("POST", f"/v1/agents/{agent_id}/revoke")
+    assert again["nats_user_revoked"] is True and again["runs_failed"] == 0
+    assert again["revoked_at"] == revoked["revoked_at"]
+    await nc.close()
+
+
+async def test_another_agent_keeps_working_when_one_is_revoked(
+    jwt_api: JwtApi, connect_as: ConnectAs
+) -> None:
+    keep_user, gone_user = nats_jwt.new_nkey("user"), nats_jwt.new_nkey("user")
+    keep, gone = await jwt_api.enroll(keep_user), await jwt_api.enroll(gone_user)
+    kept = await connect_as(agent_id=keep["agent_id"], user=keep_user, jwt=keep["nats_jwt"])
+    lost = await connect_as(agent_id=gone["agent_id"], user=gone_user, jwt=gone["nats_jwt"])
+    await jwt_api.ok("POST", f"/v1/agents/{gone['agent_id']}/revoke")
+    await asyncio.wait_for(lost.closed.wait(), 5)
+    await kept.nc.publish(subjects.agent_heartbeat(keep["agent_id"]), b"{}")
+    await kept.nc.flush(timeout=5)
+    assert kept.nc.is_connected and not kept.closed.is_set()
+
+
+async def test_revocation_needs_an_admin(jwt_api: JwtApi) -> None:
+    enrolled = await jwt_api.enroll(nats_jwt.new_nkey("user"))
+    response = await jwt_api.client.post(f"/v1/agents/{enrolled['agent_id']}/revoke")
+    assert response.status_code == 401
+    response = await jwt_api.client.post("/v1/agents/" + "0" * 32 + "/revoke", headers=jwt_api.headers)
+    assert response.status_code == 404
