@@ -40,7 +40,7 @@ PUBLIC = {
     ): "an agent has no user: the one-time enrollment token names the organization",
     ("GET", "/healthz"): "liveness probe, says nothing about any tenant",
     ("GET", "/readyz"): "readiness probe, says nothing about any tenant",
-    ("GET", "/metrics"): "Prometheus scrape endpoint for the operator of the service",
+    ("GET", "/metrics"): "Prometheus scrape endpoint for whoever runs the service; not routed by the Ingress",
 }
 # Mutating routes a viewer may call, each with the reason.
 SELF_SERVICE = {
