@@ -55,8 +55,10 @@ def api_call(api: str, token: str, method: str, path: str, body: dict[str, objec
 
 
 class Stack:
-    def __init__(self, var: Path, api_port: int, nats_port: int) -> None:
+    def __init__(self, var: Path, api_port: int, nats_port: int, nats_jwt: bool = False) -> None:
         self.var = var
+        # operator/JWT mode (docs/nats-security.md): every service and the agent with its own user
+        self.nats_jwt = nats_jwt
         self.api = f"http://127.0.0.1:{api_port}"
         self.api_port = api_port
         self.nats_url = f"nats://127.0.0.1:{nats_port}"
@@ -88,19 +90,22 @@ class Stack:
         for port, what in ((self.api_port, "API"), (self.nats_port, "NATS")):
             if not port_free(port):
                 raise SystemExit(f"port {port} for the {what} is taken: is `make up` already running?")
-        self.spawn(
-            "nats",
-            [
-                str(BIN / "nats-server"),
-                "-js",
-                "-sd",
-                str(self.var / "nats"),
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.nats_port),
-            ],
-        )
+        if self.nats_jwt:
+            self.spawn("nats", [str(BIN / "nats-server"), "-c", str(self.nats_jwt_config())])
+        else:
+            self.spawn(
+                "nats",
+                [
+                    str(BIN / "nats-server"),
+                    "-js",
+                    "-sd",
+                    str(self.var / "nats"),
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.nats_port),
+                ],
+            )
         token = self.bootstrap_admin()
         self.env["RAHATBACK_NOTIFIER_PUBLIC_KEY"] = self.notifier_public_key()
         self.start_api()
@@ -109,6 +114,29 @@ class Stack:
         self.enroll_agent(token)
         self.start_agent(token)
         return token
+
+    def nats_jwt_config(self) -> Path:
+        """`rahatback-api nats-setup` (once: it keeps existing keys), a server config including its
+        nats-auth.conf, and each service's credentials in its environment."""
+        auth = self.var / "nats-auth"
+        setup = [str(BIN / "rahatback-api"), "nats-setup", "--out", str(auth)]
+        subprocess.run([*setup, "--resolver-dir", str(self.var / "nats-resolver")], check=True, cwd=ROOT)
+        config = self.var / "nats-server.conf"
+        config.write_text(
+            f'listen: "127.0.0.1:{self.nats_port}"\n'
+            f'jetstream: {{ store_dir: "{self.var / "nats"}" }}\n'
+            'include "nats-auth/nats-auth.conf"\n'
+        )
+        self.env.update(
+            {
+                "RAHATBACK_NATS_CREDS": str(auth / "creds" / "api.creds"),
+                "RAHATBACK_NATS_SYSTEM_CREDS": str(auth / "creds" / "api-system.creds"),
+                "RAHATBACK_NATS_SIGNING": str(auth / "api-signing.json"),
+                "RAHATBACK_SCHEDULER_NATS_CREDS": str(auth / "creds" / "scheduler.creds"),
+                "RAHATBACK_NOTIFIER_NATS_CREDS": str(auth / "creds" / "notifier.creds"),
+            }
+        )
+        return config
 
     def notifier_public_key(self) -> str:
         """The notifier's key pair lives in var/notifier.key; the API seals webhook URLs to it."""
@@ -209,8 +237,11 @@ def main() -> None:
     parser.add_argument("--var", type=Path, default=ROOT / "var")
     parser.add_argument("--api-port", type=int, default=int(os.environ.get("RAHATBACK_API_PORT", "8000")))
     parser.add_argument("--nats-port", type=int, default=int(os.environ.get("RAHATBACK_NATS_PORT", "4222")))
+    parser.add_argument(
+        "--nats-jwt", action="store_true", help="run NATS in operator/JWT mode (docs/nats-security.md)"
+    )
     args = parser.parse_args()
-    stack = Stack(args.var.resolve(), args.api_port, args.nats_port)
+    stack = Stack(args.var.resolve(), args.api_port, args.nats_port, nats_jwt=args.nats_jwt)
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
