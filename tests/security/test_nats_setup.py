@@ -53,3 +53,28 @@ def test_secrets_are_private_and_the_config_names_the_resolver(tmp_path: Path) -
     assert "resolver_preload" in config and "system_account: A" in config
     for seed_file in (out / "keys").iterdir():  # no seed ends up in the server's config
         assert seed_file.read_text().strip() not in config
+
+
+def test_seeds_moved_offline_are_never_replaced(tmp_path: Path) -> None:
+    out = tmp_path / "nats"
+    run_setup(out)
+    offline = tmp_path / "offline"
+    offline.mkdir()
+    for name in (
+        "operator.nk",
+        "account.nk",
+        "system-account.nk",
+    ):  # the custody docs/nats-security.md asks for
+        (out / "keys" / name).rename(offline / name)
+    assert "already set up; nothing changed" in run_setup(out)
+    assert not (out / "keys" / "account.nk").exists()
+
+    (out / "creds" / "notifier.creds").unlink()
+    refused = subprocess.run(
+        [str(BIN / "rahatback-api"), "nats-setup", "--out", str(out)], capture_output=True, text=True
+    )
+    assert refused.returncode != 0
+    assert "account.nk is missing (moved offline?): put it back" in refused.stderr
+    assert not (out / "keys" / "account.nk").exists() and not (out / "creds" / "notifier.creds").exists()
+    (offline / "account.nk").rename(out / "keys" / "account.nk")
+    assert "creds/notifier.creds" in run_setup(out)

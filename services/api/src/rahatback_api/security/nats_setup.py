@@ -138,10 +138,31 @@ def _write_private(path: Path, text: str) -> None:
         out.write(text)
 
 
+class SetupError(RuntimeError):
+    """What is missing to complete the setup; the message says what to put back."""
+
+
+class _OfflineKey:
+    """A seed moved offline after the first setup: never replaced by a new one (that would be a
+    rotation), only needed if something it signs has to be re-created."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __getattr__(self, name: str) -> Any:
+        raise SetupError(
+            f"{self.path} is missing (moved offline?): put it back to re-create what it signs; "
+            "this command never replaces a key"
+        )
+
+
 def _key(out: Path, name: str, kind: nats_jwt.KeyKind, created: list[str]) -> NKey:
     path = out / "keys" / f"{name}.nk"
     if path.exists():
         return nats_jwt.nkey_from_seed(path.read_text(), kind)
+    if (out / "jwt" / "operator.jwt").exists():  # set up before: a missing seed is offline, not new
+        offline: Any = _OfflineKey(path)
+        return offline  # type: ignore[no-any-return]
     key = nats_jwt.new_nkey(kind)
     _write_private(path, key.seed + "\n")
     created.append(str(path.relative_to(out)))
@@ -284,7 +305,10 @@ def _server_auth_config(
 
 
 def print_setup(out: Path, resolver_dir: str) -> None:
-    created = setup(out, resolver_dir)
+    try:
+        created = setup(out, resolver_dir)
+    except SetupError as exc:
+        raise SystemExit(f"rahatback-api nats-setup: {exc}") from None
     if not created:
         print(f"{out}: already set up; nothing changed (keys are never rotated by this command)")
         return
