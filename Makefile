@@ -3,7 +3,7 @@ export UV_PYTHON_DOWNLOADS := never
 UV ?= uv
 RUN := $(UV) run --frozen
 
-.PHONY: help install up demo test lint fmt bench clean
+.PHONY: help install up up-jwt demo test lint fmt bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -14,6 +14,9 @@ install:  ## install uv (if missing) and the locked dependencies into .venv
 
 up: install  ## start the local stack: nats-server, API on SQLite, one enrolled agent (Ctrl-C stops it)
 	$(RUN) python scripts/devstack.py up
+
+up-jwt: install  ## like `make up`, with NATS in operator/JWT mode (docs/nats-security.md)
+	$(RUN) python scripts/devstack.py up --nats-jwt
 
 demo:  ## with `make up` running: back up a SQLite demo database, restore it, compare rows
 	$(RUN) python scripts/demo.py
