@@ -9,12 +9,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
-from rahatback_agent.identity import AgentIdentity, generate_private_key, load_identity, private_key_b64
-from rahatback_agent.nats_credentials import NatsCredentials
+from rahatback_agent.identity import (
+    AgentIdentity,
+    generate_private_key,
+    load_identity,
+    private_key_b64,
+    save_identity,
+)
+from rahatback_agent.nats_credentials import CredentialsRefused, NatsCredentials
 from rahatback_api.agents.models import Agent
 from rahatback_api.security import nats_jwt
 from rahatback_contracts import streams, subjects
@@ -108,8 +115,6 @@ async def test_renewal_over_the_agents_own_subject_yields_a_working_new_jwt(
     enrolled = await jwt_api.enroll(user)
     config = tmp_path / "agent.json"
     identity = agent_identity(enrolled, user, nats_jwt_server.url)
-    from rahatback_agent.identity import save_identity
-
     save_identity(identity, config)
     credentials = NatsCredentials.for_identity(identity, config)
     assert credentials is not None
@@ -236,3 +241,41 @@ async def test_revocation_needs_an_admin(jwt_api: JwtApi) -> None:
     assert response.status_code == 401
     response = await jwt_api.client.post("/v1/agents/" + "0" * 32 + "/revoke", headers=jwt_api.headers)
     assert response.status_code == 404
+
+
+async def test_an_agent_whose_jwt_expired_renews_over_http_by_proving_it_holds_its_key(
+    jwt_api: JwtApi, nats_jwt_server: JwtNats, tmp_path: Path
+) -> None:
+    user = nats_jwt.new_nkey("user")
+    enrolled = await jwt_api.enroll(user)
+    agent_id = enrolled["agent_id"]
+    expired = nats_jwt_server.mint_agent_jwt(agent_id, user, ttl_seconds=-60)  # offline for too long
+    identity = agent_identity(enrolled, user, nats_jwt_server.url).model_copy(update={"nats_jwt": expired})
+    config = tmp_path / "agent.json"
+    save_identity(identity, config)
+    credentials = NatsCredentials(identity, config)
+    assert credentials.expired()
+    await assert_refused(nats_jwt_server.url, **credentials.connect_options(lambda: None))
+
+    api = httpx.ASGITransport(app=jwt_api.app)
+    await credentials.renew_over_http("http://api.test", transport=api)
+    assert not credentials.expired() and load_identity(config).nats_jwt == credentials.jwt
+    nc = await nats.connect(
+        nats_jwt_server.url,
+        inbox_prefix=subjects.agent_inbox_prefix(agent_id),
+        allow_reconnect=False,
+        **credentials.connect_options(lambda: None),
+    )
+    await nc.publish(subjects.agent_heartbeat(agent_id), b"{}")
+    await nc.flush(timeout=5)
+    await nc.close()
+
+    # without the agent's seed the proof does not verify; a revoked agent gets nothing either
+    impostor = identity.model_copy(update={"nats_seed": nats_jwt.new_nkey("user").seed})
+    with pytest.raises(CredentialsRefused, match=r"\(401\).*does not verify"):
+        await NatsCredentials(impostor, tmp_path / "impostor.json").renew_over_http(
+            "http://api.test", transport=api
+        )
+    await jwt_api.ok("POST", f"/v1/agents/{agent_id}/revoke")
+    with pytest.raises(CredentialsRefused, match=r"\(403\).*revoked"):
+        await credentials.renew_over_http("http://api.test", transport=api)

@@ -12,6 +12,12 @@ from pydantic import AwareDatetime
 from .messages import Message
 
 
+def renewal_proof(agent_id: str, issued_at: int) -> bytes:
+    """What an agent whose JWT expired signs with its nkey seed to get a new one over HTTP
+    (`POST /v1/agents/nats-credentials`): the API checks it against the agent's registered key."""
+    return f"rahatback-nats-renew:{agent_id}:{issued_at}".encode()
+
+
 class CredentialsRenewRequest(Message):
     agent_id: str
 

@@ -14,17 +14,19 @@ import base64
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nkeys  # type: ignore[import-untyped]
 import structlog
 from nats.aio.client import Client as NATS
 from rahatback_contracts import subjects
-from rahatback_contracts.credentials import CredentialsRenewReply, CredentialsRenewRequest
+from rahatback_contracts.credentials import CredentialsRenewReply, CredentialsRenewRequest, renewal_proof
 
 from .identity import AgentIdentity, save_identity
 
@@ -33,6 +35,10 @@ log = structlog.get_logger("rahatback_agent.nats_credentials")
 # renew once this fraction of the JWT's lifetime is left; retry failures this often
 RENEW_AT_REMAINING = 0.5
 RETRY_SECONDS = 30.0
+
+
+class CredentialsRefused(RuntimeError):
+    """The API would not issue new NATS credentials; the message carries its reason."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,11 @@ class NatsCredentials:
     def __repr__(self) -> str:
         return f"NatsCredentials(agent_id={self.agent_id!r})"
 
+    def _store(self, jwt: str) -> None:
+        self.jwt = jwt
+        self._identity = self._identity.model_copy(update={"nats_jwt": jwt})
+        save_identity(self._identity, self._config_path, force=True)
+
     @property
     def expires_at(self) -> datetime:
         return jwt_window(self.jwt)[1]
@@ -123,12 +134,29 @@ class NatsCredentials:
         if reply.jwt is None:
             log.error("nats credentials renewal refused", agent_id=self.agent_id, reason=reply.error)
             return False
-        self.jwt = reply.jwt
-        self._identity = self._identity.model_copy(update={"nats_jwt": reply.jwt})
-        save_identity(self._identity, self._config_path, force=True)
+        self._store(reply.jwt)
         log.info("nats credentials renewed", agent_id=self.agent_id, expires_at=self.expires_at.isoformat())
         await nc.force_reconnect()  # the server holds the old JWT's expiry until we reconnect
         return True
+
+    async def renew_over_http(self, api_url: str, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """After the JWT expired (the agent was offline too long to renew over NATS): prove to the
+        API that we hold the seed by signing a fresh timestamp, and store the JWT it returns."""
+        issued_at = int(time.time())
+        signature = base64.b64encode(self._keypair.sign(renewal_proof(self.agent_id, issued_at))).decode()
+        body = {"agent_id": self.agent_id, "issued_at": issued_at, "signature": signature}
+        async with httpx.AsyncClient(base_url=api_url, timeout=30.0, transport=transport) as client:
+            response = await client.post("/v1/agents/nats-credentials", json=body)
+        if response.status_code != 200:
+            raise CredentialsRefused(
+                f"the API refused new NATS credentials ({response.status_code}): {response.text[:300]}"
+            )
+        self._store(response.json()["jwt"])
+        log.info(
+            "nats credentials renewed over http",
+            agent_id=self.agent_id,
+            expires_at=self.expires_at.isoformat(),
+        )
 
     async def renew_loop(self, nc: NATS, closing: asyncio.Event) -> None:
         while not closing.is_set():

@@ -209,6 +209,7 @@ class Supervisor:
         backoff = 1.0
         while not stop.is_set():
             self.log.info("connecting to nats", url=self._nats_url_for_logs)
+            await self._renew_expired_nats_credentials()
             # with max_reconnect_attempts=-1 nats-py retries the first connect forever by itself;
             # racing it against `stop` keeps the agent stoppable while the server is unreachable
             connecting = asyncio.create_task(
@@ -244,17 +245,25 @@ class Supervisor:
             return nc
         return None
 
+    async def _renew_expired_nats_credentials(self) -> None:
+        """An agent offline past its JWT's expiry renews over HTTP (docs/nats-security.md)."""
+        credentials = self._nats_credentials
+        if credentials is None or not credentials.expired():
+            return
+        try:
+            await credentials.renew_over_http(self.identity.api_url)
+        except Exception as exc:
+            self.log.error(
+                "the agent's NATS credentials have expired and could not be renewed; retrying",
+                error=str(exc) or type(exc).__name__,
+                expires_at=credentials.expires_at.isoformat(),
+            )
+
     def _nats_credential_options(self, stop: asyncio.Event) -> dict[str, Any]:
         """JWT mode: sign in with the agent's own NATS user (docs/nats-security.md)."""
         credentials = self._nats_credentials
         if credentials is None:
             return {}
-        if credentials.expired():
-            self.log.error(
-                "the agent's NATS credentials have expired; the control plane must issue new ones "
-                "(re-enroll the agent)",
-                expires_at=credentials.expires_at.isoformat(),
-            )
 
         def closed_by_server() -> None:
             metrics.NATS_CONNECTED.set(0)

@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI
 from rahatback_contracts.signing import decode_private_key
 
 from rahatback_api.agents.nats_identity import nats_identity_lifespan
+from rahatback_api.agents.nats_identity import router as agent_credentials_router
 from rahatback_api.agents.revocation import router as agent_revocation_router
 from rahatback_api.agents.router import router as agents_router
 from rahatback_api.audit.client import parse_trusted_proxies
@@ -59,6 +60,7 @@ ROUTERS: list[APIRouter] = [
     auth_router,
     agents_router,
     agent_revocation_router,
+    agent_credentials_router,
     databases_router,
     storages_router,
     backups_router,

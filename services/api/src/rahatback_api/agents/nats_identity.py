@@ -10,6 +10,8 @@ mode and none of this is active.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import time
 from collections.abc import AsyncIterator
@@ -21,18 +23,19 @@ from typing import Annotated, Any
 
 import nats
 import structlog
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from pydantic import BaseModel, Field
 from rahatback_contracts import subjects
-from rahatback_contracts.credentials import CredentialsRenewReply
+from rahatback_contracts.credentials import CredentialsRenewReply, renewal_proof
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col, select
 
 from rahatback_api.agents.models import Agent
 from rahatback_api.columns import utcnow
-from rahatback_api.db import session_scope
+from rahatback_api.db import SessionDep, session_scope
 from rahatback_api.errors import AppError
 from rahatback_api.security import nats_jwt
 from rahatback_api.settings import ConfigurationError, Settings
@@ -274,3 +277,52 @@ async def nats_identity_lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await renewals.stop()
+
+
+# ------------------------------------------------------------------ renewal over HTTP
+
+router = APIRouter(prefix="/v1/agents", tags=["agents"])
+PROOF_WINDOW_SECONDS = 300
+
+
+class NatsCredentialsProof(BaseModel):
+    agent_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    issued_at: int = Field(description="unix seconds; within 5 minutes of the API's clock")
+    signature: str = Field(
+        max_length=200,
+        description="base64 ed25519 signature of renewal_proof(agent_id, issued_at) by its nkey",
+    )
+
+
+class NatsCredentialsIssued(BaseModel):
+    jwt: str
+    expires_at: datetime
+
+
+@router.post("/nats-credentials", response_model=NatsCredentialsIssued)
+async def renew_expired_credentials(
+    body: NatsCredentialsProof, session: SessionDep, authority: NatsAuthorityDep
+) -> NatsCredentialsIssued:
+    """A new NATS user JWT for an agent whose JWT expired while it was offline (it cannot renew over
+    NATS any more). It proves it holds its nkey seed by signing a fresh timestamp."""
+    if authority is None:
+        raise AppError("NATS runs in plain mode here: there are no NATS credentials to renew", 409)
+    if abs(time.time() - body.issued_at) > PROOF_WINDOW_SECONDS:
+        raise AppError(
+            "issued_at is more than 5 minutes off the API's clock: check the agent host's clock", 401
+        )
+    agent = await session.get(Agent, body.agent_id, with_for_update=True)
+    try:
+        signature = base64.b64decode(body.signature, validate=True)
+    except (binascii.Error, ValueError):
+        signature = b""
+    # one answer for an unknown agent, a plain-mode agent and a wrong key: nothing to enumerate
+    if (
+        agent is None
+        or agent.nats_public_key is None
+        or not nats_jwt.verify(agent.nats_public_key, renewal_proof(agent.id, body.issued_at), signature)
+    ):
+        raise AppError("the proof does not verify against any agent's NATS key", 401)
+    issued = authority.issue(agent)  # 403 for a revoked agent
+    log.info("nats.credentials_renewed_over_http", agent_id=agent.id)
+    return NatsCredentialsIssued(jwt=issued.jwt, expires_at=issued.expires_at)

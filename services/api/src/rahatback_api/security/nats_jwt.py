@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import nkeys  # type: ignore[import-untyped]
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rahatback_contracts import streams
 
 KeyKind = Literal["operator", "account", "user"]
@@ -85,6 +87,16 @@ def check_public_key(public: str, kind: KeyKind) -> str:
     if nkeys.crc16(bytearray(body)).to_bytes(2, "little") != checksum or body[0] != _PREFIX[kind]:
         raise NatsJwtError(f"not a NATS {kind} public key (bad checksum)")
     return public
+
+
+def verify(public: str, data: bytes, signature: bytes, kind: KeyKind = "user") -> bool:
+    """Whether `signature` is the ed25519 signature of `data` by the nkey `public`."""
+    raw = base64.b32decode(check_public_key(public, kind))[1:-2]
+    try:
+        Ed25519PublicKey.from_public_bytes(raw).verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
 
 
 def _b64(data: bytes) -> str:
