@@ -38,6 +38,9 @@ PUBLIC = {
         "POST",
         "/v1/agents/enroll",
     ): "an agent has no user: the one-time enrollment token names the organization",
+    ("POST", "/v1/agents/nats-credentials"): (
+        "an agent whose NATS JWT expired proves it holds its nkey seed (docs/nats-security.md)"
+    ),
     ("GET", "/healthz"): "liveness probe, says nothing about any tenant",
     ("GET", "/readyz"): "readiness probe, says nothing about any tenant",
     ("GET", "/metrics"): "Prometheus scrape endpoint for whoever runs the service; not routed by the Ingress",
