@@ -381,6 +381,7 @@ class BackupJobPublic(BaseModel):
     def _customer_key_id(self) -> BackupJobPublic:
         self.customer_key_id = self.key_id if self.key_custody == "customer" else None
         return self
+
     cron: str | None
     timezone: str
     enabled: bool
