@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import structlog
 from nats.js import JetStreamContext
-from rahatback_notifier.logs import configure_logging
+from rahatback_logging import configure_logging
+from rahatback_notifier.main import QUIET_LOGGERS
 from rahatback_notifier.settings import NotifierSettings
 
 from tests.servers import free_port
@@ -38,7 +39,7 @@ def stderr(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     """The notifier's rendered log output: configure_logging binds whatever sys.stderr is."""
     buffer = io.StringIO()
     monkeypatch.setattr(sys, "stderr", buffer)
-    configure_logging("json", "debug")
+    configure_logging("json", "debug", quiet=QUIET_LOGGERS)
     yield buffer
     structlog.reset_defaults()
 

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import structlog
 from rahatback_contracts.signing import decode_public_key
+from rahatback_logging import configure_logging
 
 from . import __version__
 from .command_auth import CommandAuth, CommandAuthError
@@ -27,7 +28,6 @@ from .identity import (
     public_key_b64,
     save_identity,
 )
-from .logging import configure_logging
 from .nats_credentials import new_user_nkey
 from .settings import AgentSettings, default_config_path
 

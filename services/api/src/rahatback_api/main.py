@@ -15,6 +15,7 @@ import structlog
 import uvicorn
 from fastapi import APIRouter, FastAPI
 from rahatback_contracts.signing import decode_private_key
+from rahatback_logging import configure_logging
 
 from rahatback_api.agents.nats_identity import nats_identity_lifespan
 from rahatback_api.agents.nats_identity import router as agent_credentials_router
@@ -31,7 +32,6 @@ from rahatback_api.databases.router import router as databases_router
 from rahatback_api.db import create_engine, create_sessionmaker, run_migrations, session_scope
 from rahatback_api.errors import AppError, install_error_handlers
 from rahatback_api.keys.router import router as keys_router
-from rahatback_api.logs import configure_logging
 from rahatback_api.members.router import router as members_router
 from rahatback_api.metrics import install_metrics
 from rahatback_api.notifications.router import router as notifications_router

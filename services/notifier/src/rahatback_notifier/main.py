@@ -15,11 +15,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from prometheus_client import start_http_server
 from pydantic import ValidationError
+from rahatback_logging import configure_logging
 
 from . import __version__
 from .consumer import Notifier
-from .logs import configure_logging
 from .settings import ConfigurationError, NotifierSettings
+
+# httpx logs every request line, URL included, at INFO: a Slack or webhook URL is a credential
+QUIET_LOGGERS = ("httpx", "httpcore")
 
 
 def public_key_b64(key: X25519PrivateKey) -> str:
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(public_key_b64(private_key))
         return 0
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log_format, settings.log_level, quiet=QUIET_LOGGERS)
     asyncio.run(run_notifier(settings, private_key))
     return 0
 

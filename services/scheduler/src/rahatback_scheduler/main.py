@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from datetime import UTC, datetime
 
 import structlog
+from rahatback_logging import configure_logging
 
 from .cron import CronError, CronSchedule
-from .logs import configure_logging
 from .metrics import Metrics
 from .scheduler import Scheduler
 from .settings import SchedulerSettings
@@ -70,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "next":
         return preview(args.cron, args.timezone, args.count)
     settings = SchedulerSettings()
-    configure_logging(settings.log_format, settings.log_level)
+    # APScheduler logs every job it adds and runs through stdlib logging: only its problems matter
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    configure_logging(settings.log_format, settings.log_level, quiet=("apscheduler",))
     asyncio.run(run_scheduler(settings))
     return 0
 
