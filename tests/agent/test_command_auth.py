@@ -26,6 +26,7 @@ from rahatback_agent.command_auth import (
     CommandAuth,
     CommandAuthError,
     CommandRefusal,
+    IdKind,
     ReplayCache,
     replay_cache_path,
 )
@@ -218,7 +219,7 @@ async def test_a_replayed_command_is_refused_even_after_a_restart(
 
         cache = replay_cache_path(tmp_path / "agent.json")
         assert stat.S_IMODE(cache.stat().st_mode) == 0o600
-        assert command.command_id in json.loads(cache.read_text())["entries"]
+        assert command.command_id in json.loads(cache.read_text())["commands"]["entries"]
 
         # a restarted agent (same identity, same folder) still remembers it
         settings = AgentSettings(
@@ -309,6 +310,42 @@ async def test_rpc_requests_must_be_signed_fresh_and_new(
     assert stored_files(agent) == []  # the good probe cleaned up after itself; the refused ones never ran
 
 
+async def test_requests_and_commands_still_run_after_commands_overflowed_the_replay_cache(
+    nats_server: NatsServer, api_nc: NATS, tmp_path: Path
+) -> None:
+    """A whole-server job sends one command (6 h lifetime) per database; once they overflow the cache
+    its floor is hours ahead. A storage.test (a one-minute request) and a new backup must still run."""
+    source = sqlite_source(tmp_path)
+    filled = ReplayCache(replay_cache_path(tmp_path / "agent.json"), max_entries=100)
+    start = now()
+    for i in range(150):
+        filled.remember(f"earlier-{i}", start + timedelta(hours=6, seconds=i), seq=i, now=start)
+    assert filled.floor("command") == start + timedelta(hours=6, seconds=49)
+
+    async with running_agent(nats_server, api_nc, tmp_path, replay_cache_max_entries=100) as agent:
+        subject = subjects.agent_rpc(agent.agent_id, "storage.test")
+        probe = StorageTestRequest(
+            request_id=uuid.uuid4().hex,
+            issued_at=now(),
+            expires_at=now() + timedelta(seconds=50),
+            storage=StorageTarget(name="nas", kind="local", settings={"path": str(agent.storage_dir)}),
+        ).to_bytes()
+        reply = await agent.nc.request(subject, probe, timeout=20, headers=signed(subject, probe))
+        assert json.loads(reply.data)["ok"] is True, reply.data
+
+        command = backup_command(agent, source, expires_at=now() + timedelta(hours=6, minutes=1))
+        await agent.send_command("job.execute", command)
+        done = await agent.reports.outcome("backup", "completed", "run_id", command.run_id)
+        assert (agent.storage_dir / done["storage_key"]).is_file()
+
+        # a replay is still refused
+        reply = await agent.nc.request(subject, probe, timeout=20, headers=signed(subject, probe))
+        assert json.loads(reply.data)["error_code"] == "refused"
+        request_id = json.loads(probe)["request_id"]
+        assert (await refusal_of(agent, request_id))["reason"] == "replayed"
+        await assert_consumer_settled(agent)
+
+
 async def test_an_identity_without_a_pinned_key_refuses_to_start(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -379,9 +416,64 @@ def test_a_full_cache_keeps_refusing_what_it_had_to_forget(tmp_path: Path) -> No
     for i in range(150):
         checker.accept(f"c{i}", start + timedelta(hours=1, seconds=i), seq=i)
     assert len(checker.cache) == 100
-    assert checker.cache.floor == start + timedelta(hours=1, seconds=49)
+    assert checker.cache.floor("command") == start + timedelta(hours=1, seconds=49)
     with pytest.raises(CommandRefusal, match="older than the replay cache remembers"):
         checker.check_fresh("c3", start + timedelta(hours=1, seconds=3), seq=999)
     # a genuine new command (expiring after every command seen so far) is still accepted
     assert checker.check_fresh("fresh", start + timedelta(hours=2), seq=1000) == "new"
-    assert ReplayCache(tmp_path / "agent.commands.json").floor == checker.cache.floor
+    assert ReplayCache(tmp_path / "agent.commands.json").floor("command") == checker.cache.floor("command")
+
+
+def test_commands_filling_the_cache_do_not_lock_out_requests(tmp_path: Path) -> None:
+    """Commands live 6 h, requests about a minute: commands overflowing the cache (a whole-server job,
+    one command per database) must not raise a floor hours ahead that every request falls under."""
+    checker = auth(tmp_path, max_entries=100)
+    start = now()
+    checker.accept("r-old", start + timedelta(seconds=50), seq=None, kind="request")
+    for i in range(150):
+        checker.accept(f"c{i}", start + timedelta(hours=6, seconds=i), seq=i)
+    assert checker.cache.floor("command") == start + timedelta(hours=6, seconds=49)
+    assert checker.cache.floor("request") is None
+
+    # a fresh request and a fresh command are accepted, after a restart too
+    for fresh in (checker, auth(tmp_path, max_entries=100)):
+        assert fresh.check_fresh("r-new", start + timedelta(seconds=50), None, kind="request") == "new"
+        assert fresh.check_fresh("c-new", start + timedelta(hours=6, minutes=5), seq=500) == "new"
+    checker.accept("r-new", start + timedelta(seconds=50), None, kind="request")
+    # replays are still refused: a request it remembers, a command it had to forget
+    replays: list[tuple[str, datetime, int | None, IdKind]] = [
+        ("r-new", start + timedelta(seconds=50), None, "request"),
+        ("r-old", start + timedelta(seconds=50), None, "request"),
+        ("c3", start + timedelta(hours=6, seconds=3), 999, "command"),
+        ("c120", start + timedelta(hours=6, seconds=120), 998, "command"),
+    ]
+    for ident, expires, seq, kind in replays:
+        with pytest.raises(CommandRefusal) as caught:
+            checker.check_fresh(ident, expires, seq, kind=kind)
+        assert caught.value.reason == "replayed", ident
+
+
+def test_a_cache_file_from_before_requests_were_kept_apart_still_refuses_replays(tmp_path: Path) -> None:
+    start = now()
+    floor = start + timedelta(hours=5)
+    replay_cache_path(tmp_path / "agent.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "floor": floor.isoformat(),
+                "entries": {
+                    "c1": {"expires_at": (start + timedelta(hours=6)).isoformat(), "seq": 4},
+                    "r1": {"expires_at": (start + timedelta(seconds=50)).isoformat(), "seq": None},
+                },
+            }
+        )
+    )
+    checker = auth(tmp_path)
+    with pytest.raises(CommandRefusal, match="already accepted"):
+        checker.check_fresh("c1", start + timedelta(hours=6), seq=5)
+    with pytest.raises(CommandRefusal, match="already accepted"):
+        checker.check_fresh("r1", start + timedelta(seconds=50), None, kind="request")
+    # which kind the old floor came from is unknown: it stays a floor for both until it passes
+    assert checker.cache.floor("command") == checker.cache.floor("request") == floor
+    checker.accept("c2", start + timedelta(hours=6, minutes=1), seq=6)
+    assert json.loads(replay_cache_path(tmp_path / "agent.json").read_text())["version"] == 2

@@ -13,9 +13,12 @@ the agent had not accepted yet runs normally; one it had accepted is acknowledge
 it twice. A second copy of a command under another stream sequence is a replay and is refused.
 
 The cache is bounded. When it is full the entries closest to expiry are dropped and the latest
-expiry dropped becomes a floor: a command expiring at or before the floor is refused as a possible
-replay, since the cache can no longer tell. The API gives every command the same lifetime, so a
-genuine new command always expires after the floor.
+expiry dropped becomes a floor: an id expiring at or before the floor is refused as a possible
+replay, since the cache can no longer tell (a replay carries the signed expiry of the original).
+That only works between ids of one lifetime, so commands (6 h) and RPC requests (about a minute)
+are kept apart, each with its own entries, bound and floor: commands filling the cache must not
+push the floor hours ahead of every fresh request. Within one kind the API gives every id the same
+lifetime, so a genuine new one expires after the floor.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "CommandAuth",
     "CommandAuthError",
     "CommandRefusal",
+    "IdKind",
     "ReplayCache",
     "describe_body",
     "replay_cache_path",
@@ -50,6 +54,8 @@ __all__ = [
 log = structlog.get_logger("rahatback_agent.command_auth")
 
 RunKind = Literal["backup", "restore", "verify", "prune", "cancel", "rpc"]
+# what an id belongs to: commands and requests have lifetimes hours apart, so they never share a floor
+IdKind = Literal["command", "request"]
 _KIND_BY_SUFFIX: dict[str, tuple[RunKind, str]] = {
     "job.execute": ("backup", "run_id"),
     "restore.execute": ("restore", "restore_id"),
@@ -112,13 +118,63 @@ class _Entry(BaseModel):
     seq: int | None = None
 
 
-class _CacheFile(BaseModel):
-    version: int = 1
+class _Section(BaseModel):
+    """The ids of one kind: what the agent accepted, and the floor below which it forgot."""
+
     floor: AwareDatetime | None = None
     entries: dict[str, _Entry] = Field(default_factory=dict)
 
+    def remembered(
+        self, ident: str, entry: _Entry | None, now: datetime, max_entries: int, kind: IdKind
+    ) -> _Section:
+        """Expired ids pruned, `entry` added, and past `max_entries` the ids closest to expiry dropped."""
+        entries = {k: v for k, v in self.entries.items() if v.expires_at >= now}
+        if entry is not None:
+            entries[ident] = entry
+        floor = self.floor if self.floor is None or self.floor >= now else None
+        if len(entries) > max_entries:
+            by_expiry = sorted(entries.items(), key=lambda kv: kv[1].expires_at)
+            dropped = by_expiry[: len(entries) - max_entries]
+            latest = max(e.expires_at for _, e in dropped)
+            floor = latest if floor is None else max(floor, latest)
+            entries = dict(by_expiry[len(dropped) :])
+            log.warning(
+                "replay cache full; oldest entries dropped", kind=kind, dropped=len(dropped), floor=str(floor)
+            )
+        return _Section(floor=floor, entries=entries)
+
+
+class _CacheFile(BaseModel):
+    version: Literal[2] = 2
+    commands: _Section = Field(default_factory=_Section)
+    requests: _Section = Field(default_factory=_Section)
+
+    def section(self, kind: IdKind) -> _Section:
+        return self.commands if kind == "command" else self.requests
+
+
+class _CacheFileV1(BaseModel):
+    """Before commands and requests were kept apart: one floor for both."""
+
+    version: Literal[1] = 1
+    floor: AwareDatetime | None = None
+    entries: dict[str, _Entry] = Field(default_factory=dict)
+
+    def upgraded(self) -> _CacheFile:
+        # a request never came through JetStream, so it has no stream sequence. Which kind the one
+        # floor came from is unknown: it applies to both until it passes (refusing too much for at
+        # most a command lifetime, never accepting a replay)
+        commands = {k: v for k, v in self.entries.items() if v.seq is not None}
+        requests = {k: v for k, v in self.entries.items() if v.seq is None}
+        return _CacheFile(
+            commands=_Section(floor=self.floor, entries=commands),
+            requests=_Section(floor=self.floor, entries=requests),
+        )
+
 
 class ReplayCache:
+    """The ids this agent accepted, persisted; `max_entries` bounds each kind (commands, requests)."""
+
     def __init__(self, path: Path, max_entries: int = 10_000) -> None:
         self.path = path.expanduser()
         self.max_entries = max_entries
@@ -134,6 +190,10 @@ class ReplayCache:
         try:
             return _CacheFile.model_validate_json(raw)
         except ValidationError:
+            pass
+        try:
+            return _CacheFileV1.model_validate_json(raw).upgraded()
+        except ValidationError:
             # starting with an empty cache would let every command this agent ran in the last
             # hours run again if someone replayed it: a person decides, not the agent
             raise CommandAuthError(
@@ -142,29 +202,28 @@ class ReplayCache:
                 "publish to this agent's command subjects)"
             ) from None
 
-    @property
-    def floor(self) -> datetime | None:
-        return self._data.floor
+    def floor(self, kind: IdKind = "command") -> datetime | None:
+        return self._data.section(kind).floor
 
     def __len__(self) -> int:
-        return len(self._data.entries)
+        return len(self._data.commands.entries) + len(self._data.requests.entries)
 
-    def seen(self, ident: str) -> _Entry | None:
-        return self._data.entries.get(ident)
+    def seen(self, ident: str, kind: IdKind = "command") -> _Entry | None:
+        return self._data.section(kind).entries.get(ident)
 
-    def remember(self, ident: str, expires_at: datetime, seq: int | None, now: datetime) -> None:
+    def remember(
+        self, ident: str, expires_at: datetime, seq: int | None, now: datetime, kind: IdKind = "command"
+    ) -> None:
         """Record an accepted id and persist it before the caller acts on the command."""
-        entries = {k: v for k, v in self._data.entries.items() if v.expires_at >= now}
-        entries[ident] = _Entry(expires_at=expires_at, seq=seq)
-        floor = self._data.floor if self._data.floor is None or self._data.floor >= now else None
-        if len(entries) > self.max_entries:
-            by_expiry = sorted(entries.items(), key=lambda kv: kv[1].expires_at)
-            dropped = by_expiry[: len(entries) - self.max_entries]
-            latest = max(e.expires_at for _, e in dropped)
-            floor = latest if floor is None else max(floor, latest)
-            entries = dict(by_expiry[len(dropped) :])
-            log.warning("replay cache full; oldest entries dropped", dropped=len(dropped), floor=str(floor))
-        self._data = _CacheFile(floor=floor, entries=entries)
+        entry = _Entry(expires_at=expires_at, seq=seq)
+        self._data = _CacheFile(
+            commands=self._data.commands.remembered(
+                ident, entry if kind == "command" else None, now, self.max_entries, "command"
+            ),
+            requests=self._data.requests.remembered(
+                ident, entry if kind == "request" else None, now, self.max_entries, "request"
+            ),
+        )
         self._write()
 
     def _write(self) -> None:
@@ -235,7 +294,13 @@ class CommandAuth:
             raise CommandRefusal(exc.problem, str(exc)) from None
 
     def check_fresh(
-        self, ident: str, expires_at: datetime, seq: int | None, now: datetime | None = None
+        self,
+        ident: str,
+        expires_at: datetime,
+        seq: int | None,
+        now: datetime | None = None,
+        *,
+        kind: IdKind = "command",
     ) -> Literal["new", "redelivered"]:
         """After the signature: is this id still valid and not obeyed before? `redelivered`: the same
         JetStream message the agent already accepted (acknowledge it, run nothing)."""
@@ -244,12 +309,12 @@ class CommandAuth:
             raise CommandRefusal(
                 "expired", f"expired at {expires_at.isoformat()} ({_ago(now - expires_at)} ago)"
             )
-        entry = self.cache.seen(ident)
+        entry = self.cache.seen(ident, kind)
         if entry is not None:
             if seq is not None and entry.seq == seq:
                 return "redelivered"
             raise CommandRefusal("replayed", f"id {ident} was already accepted once: a replay")
-        floor = self.cache.floor
+        floor = self.cache.floor(kind)
         if floor is not None and expires_at <= floor:
             raise CommandRefusal(
                 "replayed",
@@ -257,9 +322,17 @@ class CommandAuth:
             )
         return "new"
 
-    def accept(self, ident: str, expires_at: datetime, seq: int | None, now: datetime | None = None) -> None:
+    def accept(
+        self,
+        ident: str,
+        expires_at: datetime,
+        seq: int | None,
+        now: datetime | None = None,
+        *,
+        kind: IdKind = "command",
+    ) -> None:
         """Remember an id as obeyed, on disk, before acting on it."""
-        self.cache.remember(ident, expires_at, seq, now or datetime.now(UTC))
+        self.cache.remember(ident, expires_at, seq, now or datetime.now(UTC), kind)
 
     def check_request(self, subject: str, body: bytes, headers: Mapping[str, str] | None) -> None:
         """A core request/reply RPC: signed, unexpired, never seen; accepted (remembered) here."""
@@ -272,8 +345,8 @@ class CommandAuth:
         expires_at = _parse_time(data.get("expires_at")) if isinstance(data, dict) else None
         if not isinstance(ident, str) or expires_at is None:
             raise CommandRefusal("expired", "the request carries no request id or expiry")
-        self.check_fresh(ident, expires_at, None)
-        self.accept(ident, expires_at, None)
+        self.check_fresh(ident, expires_at, None, kind="request")
+        self.accept(ident, expires_at, None, kind="request")
 
 
 def _ago(delta: timedelta) -> str:
