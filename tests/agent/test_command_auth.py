@@ -38,6 +38,9 @@ from rahatback_contracts import signing, streams, subjects
 from rahatback_contracts.messages import (
     BackupCommand,
     DatabaseTarget,
+    DbListReply,
+    DbListRequest,
+    DbTestReply,
     DbTestRequest,
     EncryptionSpec,
     StorageTarget,
@@ -305,8 +308,20 @@ async def test_rpc_requests_must_be_signed_fresh_and_new(
         reply = await agent.nc.request(
             db_subject, db_request, timeout=20, headers=signed(subject, db_request)
         )
-        assert json.loads(reply.data)["error_code"] == "refused"
+        assert DbTestReply.from_bytes(reply.data).error_code == "refused"  # as the API reads it
         assert not (tmp_path / "x.db").exists()  # the agent never opened it
+
+        # and an unsigned db.list, read the way the API reads that reply
+        list_subject = subjects.agent_rpc(agent.agent_id, "db.list")
+        list_request = DbListRequest(
+            request_id=uuid.uuid4().hex,
+            issued_at=now(),
+            expires_at=now() + timedelta(minutes=1),
+            database=DatabaseTarget(name="d", engine="sqlite", settings={"path": str(tmp_path / "x.db")}),
+        ).to_bytes()
+        listed = DbListReply.from_bytes((await agent.nc.request(list_subject, list_request, timeout=20)).data)
+        assert (listed.ok, listed.error_code, listed.databases) == (False, "refused", [])
+        assert listed.error is not None and listed.error.startswith("the agent refused this request: ")
     assert stored_files(agent) == []  # the good probe cleaned up after itself; the refused ones never ran
 
 

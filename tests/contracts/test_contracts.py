@@ -81,3 +81,15 @@ def _overlap(a: str, b: str) -> bool:
         if i == min(len(ta), len(tb)) - 1 and len(ta) != len(tb):
             return False
     return len(ta) == len(tb)
+
+
+@pytest.mark.parametrize("reply_model", [m.DbTestReply, m.DbListReply, m.StorageTestReply])
+def test_every_rpc_reply_model_reads_the_agents_failure_reply(
+    reply_model: type[m.DbTestReply | m.DbListReply | m.StorageTestReply],
+) -> None:
+    """The agent answers a refused or crashed request of any kind with one shape; the API reads it
+    with the reply model of the request it sent (operations.service.ask_agent)."""
+    failure = m.RpcFailureReply(error_code="refused", error="the agent refused this request: replayed")
+    reply = reply_model.from_bytes(failure.to_bytes())
+    assert isinstance(reply, reply_model)
+    assert (reply.ok, reply.error_code, reply.error) == (False, "refused", failure.error)

@@ -232,6 +232,17 @@ class StorageTestReply(Message):
     error: str | None = None
 
 
+class RpcFailureReply(Message):
+    """The answer to any RPC the agent could not or would not serve (refused, crashed). Every reply
+    above carries `ok`, `error_code` and `error` with these meanings and defaults for the rest, so
+    the API reads this with the reply model of the request it sent."""
+
+    ok: Literal[False] = False
+    # refused: the agent refused the request itself (signature, expiry, replay); error: an agent bug
+    error_code: str
+    error: str
+
+
 # ---------------------------------------------------------------- reports (AGENT_REPORTS)
 
 

@@ -42,6 +42,7 @@ from rahatback_contracts.messages import (
     RestoreCompleted,
     RestoreFailed,
     RestoreStarted,
+    RpcFailureReply,
     Stage,
     StorageTestReply,
     StorageTestRequest,
@@ -358,9 +359,7 @@ class Supervisor:
                 body = await handler(msg)
             except Exception as exc:  # a bug must still produce an answer, never a silent timeout
                 self.log.exception("rpc handler crashed", subject=msg.subject)
-                failure = DbTestReply(
-                    ok=False, error_code="error", error=f"agent error: {type(exc).__name__}"
-                )
+                failure = RpcFailureReply(error_code="error", error=f"agent error: {type(exc).__name__}")
                 body = failure.to_bytes()
             if msg.reply:
                 try:
@@ -623,8 +622,8 @@ class Supervisor:
     async def _refuse_request(self, msg: Msg, refusal: CommandRefusal) -> None:
         report = self._refusal(msg, refusal)
         if msg.reply:
-            reply = DbTestReply(  # its fields are common to every RPC reply
-                ok=False, error_code="refused", error=f"the agent refused this request: {refusal.detail}"
+            reply = RpcFailureReply(
+                error_code="refused", error=f"the agent refused this request: {refusal.detail}"
             )
             with contextlib.suppress(Exception):
                 await msg.respond(reply.to_bytes())
