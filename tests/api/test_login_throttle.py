@@ -3,16 +3,19 @@ Retry-After), counted in the database so every API replica sees them; passwords 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import timedelta
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from rahatback_api.auth import service as auth_service
 from rahatback_api.columns import utcnow
 from rahatback_api.db import session_scope
 from rahatback_api.main import create_app
 from rahatback_api.models import LoginThrottle
+from rahatback_api.security.passwords import verify_password
 from rahatback_api.settings import Settings
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -159,6 +162,28 @@ async def test_the_lock_is_shared_by_api_replicas(app: FastAPI, settings: Settin
                 assert (await login(first, tenant.email, WRONG)).status_code == 401
         async with from_address(other_replica, "198.51.100.9") as second:
             assert (await login(second, tenant.email, PASSWORD)).status_code == 429
+
+
+async def test_parallel_guesses_cannot_slip_past_the_limit(
+    app: FastAPI, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of wrong passwords sent at once: each is counted before its password is checked, so
+    only the limit's worth are ever checked and the rest are refused."""
+    checked: list[str] = []
+
+    def counting_verify(password_hash: str | None, password: str) -> bool:
+        checked.append(password)
+        return verify_password(password_hash, password)
+
+    monkeypatch.setattr(auth_service, "verify_password", counting_verify)
+    async with from_address(app, "198.51.100.20") as client:
+        burst = await asyncio.gather(*(login(client, tenant.email, f"{WRONG}-{i}") for i in range(20)))
+        statuses = sorted(r.status_code for r in burst)
+        assert statuses == [401] * MAX_FAILURES + [429] * (20 - MAX_FAILURES)
+        assert len(checked) == MAX_FAILURES
+        # and the account stays locked for the right password too
+        assert (await login(client, tenant.email, PASSWORD)).status_code == 429
+    assert len(checked) == MAX_FAILURES
 
 
 async def test_passwords_never_reach_the_logs(

@@ -43,19 +43,24 @@ async def login(
     email = body.email.strip().lower()
     ip = client_address(request.scope, request.app.state.trusted_proxies)
     note_audit(request, details={"email": email})  # the email tried, never the password
-    until = await throttle.locked_until(session, email, ip)
-    if until is not None:
+    policy = throttle.ThrottlePolicy.from_settings(settings)
+    try:
+        # counted in a transaction of its own, committed before the password is checked: parallel
+        # attempts queue on the count instead of all reading "not locked" at once
+        async with session_scope(request.app.state.sessionmaker) as own:
+            reservation = await throttle.reserve_attempt(own, email, ip, policy)
+    except throttle.LockedOut as locked:
         # refused before the password is even checked: a locked-out guesser learns nothing
         note_audit(
             request, action="login_locked", org_id=await service.organization_of(session, email, body.org_id)
         )
-        seconds = throttle.retry_after_seconds(until)
+        seconds = throttle.retry_after_seconds(locked.until)
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
-            detail=f"too many failed logins: try again after {until:%Y-%m-%d %H:%M:%S} UTC "
+            detail=f"too many failed logins: try again after {locked.until:%Y-%m-%d %H:%M:%S} UTC "
             f"(in {max(1, round(seconds / 60))} min)",
             headers={"Retry-After": str(seconds)},
-        )
+        ) from None
     try:
         token, plaintext = await service.login(
             session, body.email, body.password, body.org_id, timedelta(hours=settings.login_token_hours)
@@ -64,12 +69,12 @@ async def login(
         note_audit(
             request, action="login_failed", org_id=await service.organization_of(session, email, body.org_id)
         )
-        if exc.status_code == status.HTTP_401_UNAUTHORIZED:
-            # counted in a transaction of its own: the request's is rolled back with the error
+        if exc.status_code != status.HTTP_401_UNAUTHORIZED:
+            # the password was right (e.g. 403, no membership): not a guess, take the count back
             async with session_scope(request.app.state.sessionmaker) as own:
-                await throttle.record_failure(own, email, ip, throttle.ThrottlePolicy.from_settings(settings))
+                await throttle.password_accepted(own, reservation)
         raise
-    await throttle.reset_email(session, email)
+    await throttle.password_accepted(session, reservation)
     note_audit(request, action="login", org_id=token.org_id, actor_user_id=token.user_id, token_id=token.id)
     assert token.expires_at is not None
     return LoginResponse(token=plaintext, expires_at=token.expires_at)
