@@ -3,17 +3,22 @@ the listing asked of the agent over real NATS (a stand-in agent answers `rpc.db.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import nats
 import pytest
+from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from rahatback_api.backups.selection import select_databases
 from rahatback_api.db import session_scope
 from rahatback_api.models import Agent, BackupCopy, BackupRun, OutboxMessage
+from rahatback_api.scheduling import service as scheduling
+from rahatback_api.security.secretbox import SecretBox
 from rahatback_contracts import messages as m
 from rahatback_contracts import subjects
 from sqlalchemy import select
@@ -204,3 +209,93 @@ async def test_an_offline_agent_cannot_list_its_server(client: httpx.AsyncClient
     job = await create_job(client, tenant, all_databases=True)
     r = await client.post(f"/v1/backups/jobs/{job['id']}/run", headers=tenant.headers)
     assert r.status_code == 409 and "offline" in r.json()["detail"]
+
+
+async def test_a_scheduled_whole_server_run_whose_agent_answers_nonsense_is_a_failed_run(
+    client: httpx.AsyncClient,
+    tenant: Tenant,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    nats_server: NatsServer,
+    app: FastAPI,
+    box: SecretBox,
+) -> None:
+    """Not a 409 from start_backup, but the scheduled path must still record a failure someone hears of."""
+    agent = await add_agent(tenant)
+    nc: NATS = await nats.connect(nats_server.url)
+
+    async def garbage(msg: Msg) -> None:
+        await msg.respond(b'{"ok": "perhaps"')
+
+    await nc.subscribe(subjects.agent_rpc(agent.id, "db.list"), cb=garbage)
+    await nc.flush()
+    job = await create_job(client, tenant, all_databases=True, cron="0 3 * * *")
+    r = await client.post(f"/v1/backups/jobs/{job['id']}/run", headers=tenant.headers)
+    assert r.status_code == 502 and "malformed db.list reply" in r.json()["detail"]
+
+    fire = datetime(2026, 11, 26, 3, tzinfo=UTC)
+    request = m.BackupRequested(job_id=str(job["id"]), org_id=tenant.org_id, fire_time=fire)
+    async with session_scope(sessionmaker) as session:
+        run = await scheduling.handle_backup_requested(
+            session,
+            box,
+            app.state.bus,
+            request,
+            m.scheduled_msg_id("backup", str(job["id"]), fire),
+            offline_after=timedelta(seconds=30),
+        )
+    await nc.drain()
+    assert run is not None and run.status == "failed"
+    assert "malformed db.list reply" in (run.error or "")
+    async with session_scope(sessionmaker) as session:
+        events = [
+            row.subject
+            for row in (await session.execute(select(OutboxMessage))).scalars()
+            if row.subject.startswith("backup.")
+        ]
+    assert events == ["backup.failed"]
+
+
+async def test_a_slow_listing_holds_no_write_lock_on_the_api_database(
+    client: httpx.AsyncClient,
+    tenant: Tenant,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    nats_server: NatsServer,
+    app: FastAPI,
+    box: SecretBox,
+) -> None:
+    """A scheduled whole-server start waits on its agent (here 7 s, past SQLite's 5 s busy timeout):
+    meanwhile other writers (HTTP, reports, heartbeats) must go on."""
+    agent = await add_agent(tenant)
+    nc: NATS = await nats.connect(nats_server.url)
+
+    async def slow(msg: Msg) -> None:
+        await asyncio.sleep(7)
+        await msg.respond(m.DbListReply(ok=True, databases=["shop"]).to_bytes())
+
+    await nc.subscribe(subjects.agent_rpc(agent.id, "db.list"), cb=slow)
+    await nc.flush()
+    job = await create_job(client, tenant, all_databases=True, cron="0 3 * * *")
+    fire = datetime(2026, 11, 26, 3, tzinfo=UTC)
+
+    async def scheduled() -> BackupRun | None:
+        async with session_scope(sessionmaker) as session:
+            return await scheduling.handle_backup_requested(
+                session,
+                box,
+                app.state.bus,
+                m.BackupRequested(job_id=str(job["id"]), org_id=tenant.org_id, fire_time=fire),
+                m.scheduled_msg_id("backup", str(job["id"]), fire),
+                offline_after=timedelta(seconds=30),
+            )
+
+    starting = asyncio.create_task(scheduled())
+    await asyncio.sleep(1)
+    written = await client.post(
+        "/v1/storages",
+        json={"name": "while-listing", "kind": "local", "settings": {"path": "/srv/other"}},
+        headers=tenant.headers,
+    )
+    assert written.status_code == 201, written.text
+    run = await starting
+    await nc.drain()
+    assert run is not None and run.status == "queued" and run.database_name == "shop"

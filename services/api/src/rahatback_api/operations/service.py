@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from pydantic import ValidationError
 from rahatback_api.agents.service import is_online as _is_online
 from rahatback_api.backups.models import ACTIVE_RUN_STATUSES
 from rahatback_api.backups.selection import select_databases
@@ -197,7 +198,10 @@ async def ask_agent(
         raise AppError(f"agent {agent.name!r}: {exc}", 504) from exc
     except BusUnavailable as exc:
         raise AppError(str(exc), 503) from exc
-    reply = reply_model.model_validate_json(data)
+    try:
+        reply = reply_model.model_validate_json(data)
+    except ValidationError as exc:  # agents are not trusted to answer in shape
+        raise AppError(f"agent {agent.name!r} sent a malformed {rpc} reply", 502) from exc
     log.info(
         rpc,
         agent_id=agent.id,

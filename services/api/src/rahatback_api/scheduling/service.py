@@ -15,7 +15,7 @@ from sqlmodel import col, select
 
 from rahatback_api.columns import new_id, utcnow
 from rahatback_api.databases.models import Database
-from rahatback_api.errors import Conflict
+from rahatback_api.errors import AppError
 from rahatback_api.messaging.bus import Bus
 from rahatback_api.models import BackupJob, BackupRun, ProcessedMessage
 from rahatback_api.notifications.service import enqueue_event
@@ -47,7 +47,20 @@ async def handle_backup_requested(
     """Run a scheduled job like "run now"; record a visible run when it cannot start. Idempotent."""
     if await session.get(ProcessedMessage, msg_id) is not None:
         return None
+    run = await _start_scheduled(session, box, bus, request, offline_after)
+    # written last: until here the transaction only reads, so on SQLite (WAL) a whole-server job's
+    # listing (a round trip to its agent, up to the RPC timeout) holds no write lock
     session.add(ProcessedMessage(msg_id=msg_id, processed_at=utcnow()))
+    return run
+
+
+async def _start_scheduled(
+    session: AsyncSession,
+    box: SecretBox,
+    bus: Bus,
+    request: m.BackupRequested,
+    offline_after: timedelta,
+) -> BackupRun | None:
     job = await session.get(BackupJob, request.job_id)
     if job is None or job.org_id != request.org_id or job.cron is None or not job.enabled:
         log.info(
@@ -68,7 +81,7 @@ async def handle_backup_requested(
             session, box, bus, job, trigger="schedule", offline_after=offline_after
         )
         return runs[0]
-    except Conflict as exc:
+    except AppError as exc:  # a 409 (busy, offline, nothing to back up), or the agent not answering
         active = await operations.active_backup_of(session, job.id)
         if active is not None:
             return await _record_unstarted(
