@@ -23,10 +23,7 @@ lifetime, so a genuine new one expires after the floor.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,6 +37,7 @@ from rahatback_contracts import signing
 from rahatback_contracts.messages import RefusalReason
 
 from .identity import AgentIdentity
+from .private_files import write_private_atomic
 
 __all__ = [
     "CommandAuth",
@@ -224,24 +222,7 @@ class ReplayCache:
                 ident, entry if kind == "request" else None, now, self.max_entries, "request"
             ),
         )
-        self._write()
-
-    def _write(self) -> None:
-        """0600 from the first byte, temp file + fsync + rename: a crash leaves the old or the new."""
-        folder = self.path.parent
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp_name = tempfile.mkstemp(prefix=".commands-", suffix=".tmp", dir=folder)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(self._data.model_dump_json())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp_name, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            raise
+        write_private_atomic(self.path, self._data.model_dump_json())
 
 
 def _parse_time(value: Any) -> datetime | None:

@@ -6,16 +6,15 @@ The file holds a private key, so it is written 0600 atomically and refused when 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
 import stat
-import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .private_files import write_private_atomic
 
 
 class IdentityError(Exception):
@@ -69,27 +68,14 @@ def public_key_b64(key: X25519PrivateKey) -> str:
 
 
 def save_identity(identity: AgentIdentity, path: Path, *, force: bool = False) -> None:
-    """Write the identity with mode 0600 via a temp file + os.replace, so no reader ever sees a
-    half-written or briefly world-readable key."""
+    """Written 0600 and atomically: no reader ever sees a half-written or briefly world-readable key."""
     path = path.expanduser()
     if path.exists() and not force:
         raise IdentityError(
             f"{path} already holds an agent identity; pass --force to replace it "
             "(the old agent will stop receiving commands)"
         )
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp_name = tempfile.mkstemp(prefix=".agent-", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(identity.model_dump(), indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    write_private_atomic(path, json.dumps(identity.model_dump(), indent=2) + "\n")
 
 
 def load_identity(path: Path) -> AgentIdentity:

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
-import os
 import re
 import secrets
 import shlex
 import stat
 import subprocess
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +32,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rahatback_contracts.messages import EncryptionSpec, HeldKey
 
+from .private_files import write_private_atomic
 from .sealing import open_job_key
 
 __all__ = [
@@ -130,23 +128,6 @@ class _Entry:
     key: bytes
 
 
-def _write_private(path: Path, text: str) -> None:
-    """0600 from the first byte (temp file + rename): no reader ever sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-
-
 def _read_private(path: Path, what: str) -> str:
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -221,7 +202,7 @@ class Keyring:
                     "key_b64": base64.b64encode(key).decode(),
                 }
             )
-            _write_private(self.path, json.dumps({"version": 1, "keys": entries}, indent=2) + "\n")
+            write_private_atomic(self.path, json.dumps({"version": 1, "keys": entries}, indent=2) + "\n")
         return KeyInfo(key_id, fingerprint(key_id, key), "keyring", name, created_at)
 
     # ------------------------------------------------------------ all sources
@@ -332,7 +313,7 @@ class Keyring:
         out = out.expanduser()
         if out.exists():
             raise KeyringError(f"{out} already exists; choose another --out (an export never overwrites)")
-        _write_private(out, json.dumps(body, indent=2) + "\n")
+        write_private_atomic(out, json.dumps(body, indent=2) + "\n")
         return info
 
 

@@ -9,10 +9,7 @@ reopens them with its private key when it needs them; no password is ever writte
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import tempfile
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +17,8 @@ from pathlib import Path
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rahatback_contracts.messages import DatabaseTarget, Engine
+
+from .private_files import write_private_atomic
 
 __all__ = ["ScratchEntry", "ScratchRegistry"]
 
@@ -93,26 +92,5 @@ class ScratchRegistry:
         await asyncio.to_thread(remove)
 
     def _write(self, entries: list[ScratchEntry]) -> None:
-        """0600 from the first byte, temp file + fsync + rename (+ fsync of the folder): a reader or
-        a crash sees the old list or the new one, never half of one."""
-        folder = self.path.parent
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         body = _RegistryFile(entries=entries).model_dump(mode="json")
-        fd, tmp_name = tempfile.mkstemp(prefix=".scratch-", suffix=".tmp", dir=folder)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(body, indent=2) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp_name, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            raise
-        with contextlib.suppress(OSError):  # the rename itself survives a power loss
-            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        write_private_atomic(self.path, json.dumps(body, indent=2) + "\n")
