@@ -219,9 +219,38 @@ async def test_a_failure_to_write_the_event_does_not_fail_the_request(
     assert [(e["method"], e["path"], e["log_level"]) for e in lost] == [("POST", "/v1/databases", "warning")]
 
 
-async def test_unauthenticated_requests_are_not_recorded(client: httpx.AsyncClient, tenant: Tenant) -> None:
+async def test_unauthenticated_requests_are_not_recorded(
+    client: httpx.AsyncClient, tenant: Tenant, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
     assert (await client.post("/v1/databases", json={"name": "x"})).status_code == 401
     assert (
         await client.delete("/v1/databases/abc", headers={"Authorization": "Bearer rbt_nope"})
     ).status_code == 401
+    # the public routes, with whatever an anonymous caller may send: nothing lands in the table
+    anonymous = [
+        ("/v1/auth/login", {"email": "x@example.com"}, 422),
+        ("/v1/auth/login", {"password": ["not", "a", "string"]}, 422),
+        ("/v1/agents/nats-credentials", {"agent_id": "a"}, 422),
+        ("/v1/agents/nats-credentials", {"agent_id": "0" * 32, "issued_at": 0, "signature": "AA=="}, 409),
+        ("/v1/agents/enroll", {"name": "no-token"}, 422),
+    ]
+    for path, body, expected in anonymous:
+        for _ in range(3):
+            assert (await client.post(path, json=body)).status_code == expected, (path, body)
+    assert (
+        await client.post(
+            "/v1/agents/enroll", json={"token": "rbe_forged", "name": "h", "x25519_public_key": public_key()}
+        )
+    ).status_code in (401, 403)
     assert await events(client, tenant) == []
+    async with session_scope(sessionmaker) as session:
+        recorded = (await session.execute(select(AuditEvent))).scalars().all()
+    assert [(e.action, e.status_code, e.org_id) for e in recorded] == []
+
+    # a login still notes itself, even for an email with no account (unreadable but kept)
+    assert (
+        await client.post("/v1/auth/login", json={"email": "nobody@example.com", "password": "nope"})
+    ).status_code == 401
+    async with session_scope(sessionmaker) as session:
+        recorded = (await session.execute(select(AuditEvent))).scalars().all()
+    assert [(e.action, e.status_code, e.org_id) for e in recorded] == [("login_failed", 401, None)]

@@ -6,7 +6,9 @@ details the *names* of the body's fields (so a password change shows `settings.p
 value). Endpoints with something to add (a login names the email tried) call `note_audit`.
 
 The event is written in a transaction of its own after the request's has ended, so a failed request is
-recorded too; a failure to write is logged and never changes the response.
+recorded too; a failure to write is logged and never changes the response. Requests without a valid
+token are not recorded, except logins (which note themselves) and an agent's successful enrollment,
+so that nobody can fill the table anonymously.
 """
 
 from __future__ import annotations
@@ -144,12 +146,14 @@ class AuditMiddleware:
         state: dict[str, Any] = scope["state"]
         notes: dict[str, Any] = dict(state.get(_NOTE_KEY, {}))
         actor: dict[str, str] | None = state.get("audit_actor")
-        if actor is None and not notes and status_code == 401:
-            # no valid token and no one named: recording these would let anyone fill the table
-            return None
         path_params: dict[str, Any] = scope.get("path_params", {})
         response = _json(response_body, len(response_body) <= BODY_LIMIT)
         response_fields = response if isinstance(response, dict) and 200 <= status_code < 300 else {}
+        if actor is None and not notes and "org_id" not in response_fields:
+            # no valid token: only what an endpoint noted itself (logins) and successes that name
+            # their organization (an agent's enrollment) are kept; recording the rest (malformed
+            # bodies, bad proofs, 401/409/422/429) would let anyone fill the table
+            return None
         result_key = next((k for k in _RESULT_ID_KEYS if k in response_fields), None)
         result_id = str(response_fields[result_key])[:200] if result_key else None
 
