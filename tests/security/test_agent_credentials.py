@@ -279,3 +279,70 @@ async def test_an_agent_whose_jwt_expired_renews_over_http_by_proving_it_holds_i
     await jwt_api.ok("POST", f"/v1/agents/{agent_id}/revoke")
     with pytest.raises(CredentialsRefused, match=r"\(403\).*revoked"):
         await credentials.renew_over_http("http://api.test", transport=api)
+
+
+async def test_an_agent_whose_jwt_expires_while_connected_renews_over_http_and_stops_only_when_refused(
+    jwt_api: JwtApi, nats_jwt_server: JwtNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renewal responder is out of reach for the whole (short) JWT lifetime, so the server closes
+    the agent's connection at expiry; the agent renews over HTTP (retrying while the API is down
+    too), comes back online, and exits non-zero only once the API refuses it (revoked)."""
+    from rahatback_agent.main import run_agent
+    from rahatback_agent.settings import AgentSettings
+
+    user = nats_jwt.new_nkey("user")
+    enrolled = await jwt_api.enroll(user)
+    agent_id = enrolled["agent_id"]
+    short = nats_jwt_server.mint_agent_jwt(agent_id, user, ttl_seconds=3)
+    identity = agent_identity(enrolled, user, nats_jwt_server.url).model_copy(
+        update={
+            "nats_jwt": short,
+            "command_key_id": enrolled["command_signing_key_id"],
+            "command_public_key_b64": enrolled["command_signing_public_key"],
+        }
+    )
+    settings = AgentSettings(config=tmp_path / "agent.json", heartbeat_seconds=0.3, fetch_timeout_seconds=0.5)
+    save_identity(identity, settings.config)
+
+    async def no_responder(self: NatsCredentials, nc: NATS, timeout: float = 10.0) -> bool:  # noqa: ASYNC109
+        raise nats.errors.NoRespondersError
+
+    http_attempts: list[float] = []
+    renew_over_http = NatsCredentials.renew_over_http
+
+    async def api_down_once(self: NatsCredentials, api_url: str, transport: Any = None) -> None:
+        http_attempts.append(time.time())
+        if len(http_attempts) == 1:
+            raise httpx.ConnectError("connection refused")
+        await renew_over_http(self, api_url, transport=httpx.ASGITransport(app=jwt_api.app))
+
+    monkeypatch.setattr(NatsCredentials, "renew", no_responder)
+    monkeypatch.setattr(NatsCredentials, "renew_over_http", api_down_once)
+    beats: list[float] = []
+
+    async def on_beat(msg: Any) -> None:
+        beats.append(time.time())
+
+    heard = await jwt_api.app.state.bus.nc.subscribe(subjects.agent_heartbeat(agent_id), cb=on_beat)
+    agent = asyncio.create_task(run_agent(settings, identity))
+    try:
+        expires_at = nats_jwt.decode_claims(short)["exp"]
+        for _ in range(200):
+            if len(http_attempts) == 2 and any(at > http_attempts[1] for at in beats):
+                break
+            await asyncio.sleep(0.1)
+        assert len(http_attempts) == 2 and http_attempts[0] >= expires_at - 1  # renewed after expiry
+        assert any(at > http_attempts[1] for at in beats), "no heartbeat after the renewal"
+        assert not agent.done()
+        renewed = load_identity(settings.config).nats_jwt
+        assert renewed is not None and renewed != short
+        assert (await jwt_api.ok("GET", f"/v1/agents/{agent_id}"))["online"] is True
+
+        await jwt_api.ok("POST", f"/v1/agents/{agent_id}/revoke")
+        assert await asyncio.wait_for(agent, 30) == 1  # refused with 403: a failure, not a clean stop
+        assert len(http_attempts) == 3
+    finally:
+        if not agent.done():
+            agent.cancel()
+            await asyncio.gather(agent, return_exceptions=True)
+        await heard.unsubscribe()

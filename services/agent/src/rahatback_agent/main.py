@@ -146,7 +146,9 @@ def limit_malloc_arenas(arenas: int = 2, mmap_threshold: int = 4 << 20) -> None:
     libc.mallopt(m_mmap_threshold, mmap_threshold)
 
 
-async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
+async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> int:
+    """The exit status: 1 when the API refused the agent new NATS credentials (revoked or
+    unknown), so that a service manager sees a failure rather than a clean stop."""
     from .supervisor import Supervisor
 
     limit_malloc_arenas()
@@ -165,11 +167,16 @@ async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, request_stop, sig.name)
+    supervisor = Supervisor(identity, settings)
     try:
-        await Supervisor(identity, settings).run(stop)
+        await supervisor.run(stop)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+    if supervisor.refused is not None:
+        log.error("agent stopped: the control plane refuses it; enroll it again", reason=supervisor.refused)
+        return 1
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -244,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         configure_logging(settings.log_format, settings.log_level)
-        asyncio.run(run_agent(settings, identity))
-        return 0
+        return asyncio.run(run_agent(settings, identity))
     return 2
 
 

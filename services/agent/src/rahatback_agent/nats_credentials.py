@@ -38,7 +38,12 @@ RETRY_SECONDS = 30.0
 
 
 class CredentialsRefused(RuntimeError):
-    """The API would not issue new NATS credentials; the message carries its reason."""
+    """The API would not issue new NATS credentials; the message carries its reason and
+    `status_code` its HTTP status (401/403: this agent is unknown or revoked, for good)."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,8 @@ class NatsCredentials:
             response = await client.post("/v1/agents/nats-credentials", json=body)
         if response.status_code != 200:
             raise CredentialsRefused(
-                f"the API refused new NATS credentials ({response.status_code}): {response.text[:300]}"
+                f"the API refused new NATS credentials ({response.status_code}): {response.text[:300]}",
+                response.status_code,
             )
         self._store(response.json()["jwt"])
         log.info(

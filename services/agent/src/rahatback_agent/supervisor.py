@@ -56,7 +56,7 @@ from . import __version__, jobs, metrics, tools, verification
 from .command_auth import CommandAuth, CommandRefusal, describe_body
 from .identity import AgentIdentity
 from .keyring import Keyring
-from .nats_credentials import NatsCredentials
+from .nats_credentials import CredentialsRefused, NatsCredentials
 from .scratch_registry import ScratchRegistry
 from .settings import AgentSettings
 
@@ -122,6 +122,9 @@ class Supervisor:
         self._scratch_registry = ScratchRegistry.beside(settings.config)
         # JWT mode: the nkey seed and user JWT from enrollment, renewed here; None in plain mode
         self._nats_credentials = NatsCredentials.for_identity(identity, settings.config)
+        self._connection_closed = asyncio.Event()  # the server closed the connection for good
+        # why the API refused this agent new NATS credentials (revoked or unknown): it exits non-zero
+        self.refused: str | None = None
         # signature, expiry and replay checks of everything the API sends (CommandAuthError if unpinned)
         self._auth = CommandAuth.for_identity(
             identity,
@@ -164,21 +167,13 @@ class Supervisor:
         nc = await self._connect(stop)
         if nc is None:
             return
-        self._nc = nc
-        self._js = nc.jetstream()
-        await self._subscribe_rpcs(nc)
-        # the server knows our subscriptions before the first heartbeat says we are online
-        with contextlib.suppress(Exception):
-            await nc.flush(timeout=5)
-        background = [
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-            asyncio.create_task(self._progress_loop(), name="progress"),
-        ]
-        if self._nats_credentials is not None:
-            renewing = self._nats_credentials.renew_loop(nc, self._closing)
-            background.append(asyncio.create_task(renewing, name="nats-credentials"))
+        background: list[asyncio.Task[None]] = []
         try:
-            await self._command_loop(stop)
+            # one pass per connection: the server closes a connection for good when the agent's
+            # JWT expires (or it was revoked); running jobs go on and report over the next one
+            while nc is not None:
+                await self._serve_connection(nc, stop, background)
+                nc = None if stop.is_set() else await self._connect(stop)
         finally:
             await self._drain_jobs()
             self._closing.set()
@@ -188,9 +183,47 @@ class Supervisor:
             for task in list(self._rpc_tasks):
                 task.cancel()
             await asyncio.gather(*self._rpc_tasks, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await nc.drain()
+            if self._nc is not None:
+                with contextlib.suppress(Exception):
+                    await self._nc.drain()
             self.log.info("agent stopped")
+
+    async def _serve_connection(
+        self, nc: NATS, stop: asyncio.Event, background: list[asyncio.Task[None]]
+    ) -> None:
+        """Pull commands until `stop`, or until the server closes this connection for good."""
+        self._nc = nc
+        self._js = nc.jetstream()
+        await self._subscribe_rpcs(nc)
+        # the server knows our subscriptions before the first heartbeat says we are online
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=5)
+        if not background:  # they publish on whichever connection is current
+            background.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
+            background.append(asyncio.create_task(self._progress_loop(), name="progress"))
+        ended = asyncio.Event()  # stop, or this connection closed by the server
+        relay = asyncio.create_task(self._relay_end(stop, ended), name="connection-end")
+        renewing: asyncio.Task[None] | None = None
+        if self._nats_credentials is not None:
+            renewing = asyncio.create_task(
+                self._nats_credentials.renew_loop(nc, ended), name="nats-credentials"
+            )
+        try:
+            await self._command_loop(ended)
+        finally:
+            relay.cancel()
+            if renewing is not None:
+                renewing.cancel()
+            await asyncio.gather(relay, *([renewing] if renewing else []), return_exceptions=True)
+
+    async def _relay_end(self, stop: asyncio.Event, ended: asyncio.Event) -> None:
+        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(self._connection_closed.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            ended.set()
+        finally:
+            for task in waits:
+                task.cancel()
 
     async def _connect(self, stop: asyncio.Event) -> NATS | None:
         async def error_cb(exc: Exception) -> None:
@@ -208,9 +241,19 @@ class Supervisor:
             self.log.info("reconnected to nats")
 
         backoff = 1.0
+        closed_by_server = self._connection_closed.is_set()
         while not stop.is_set():
+            renewed = await self._renew_nats_credentials_over_http(closed_by_server=closed_by_server)
+            if renewed is False:
+                stop.set()
+                return None
+            if renewed is None:  # the API is unreachable: connecting with an expired JWT is pointless
+                await self._sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            closed_by_server = False
+            self._connection_closed.clear()
             self.log.info("connecting to nats", url=self._nats_url_for_logs)
-            await self._renew_expired_nats_credentials()
             # with max_reconnect_attempts=-1 nats-py retries the first connect forever by itself;
             # racing it against `stop` keeps the agent stoppable while the server is unreachable
             connecting = asyncio.create_task(
@@ -246,19 +289,32 @@ class Supervisor:
             return nc
         return None
 
-    async def _renew_expired_nats_credentials(self) -> None:
-        """An agent offline past its JWT's expiry renews over HTTP (docs/nats-security.md)."""
+    async def _renew_nats_credentials_over_http(self, *, closed_by_server: bool) -> bool | None:
+        """An agent whose JWT expired (offline too long, or the renewal responder was unreachable
+        for half its lifetime) renews over HTTP (docs/nats-security.md). So does one the server
+        closed for good: a revoked agent learns it here. True: go on connecting; None: not now,
+        retry later; False: the API refused (revoked or unknown), `self.refused` says why."""
         credentials = self._nats_credentials
-        if credentials is None or not credentials.expired():
-            return
+        if credentials is None or not (closed_by_server or credentials.expired()):
+            return True
         try:
             await credentials.renew_over_http(self.identity.api_url)
+        except CredentialsRefused as exc:
+            if exc.status_code in (401, 403):
+                self.refused = str(exc)
+                self.log.error("the API refuses this agent new NATS credentials; stopping", error=str(exc))
+                return False
+            failure: Exception = exc
         except Exception as exc:
-            self.log.error(
-                "the agent's NATS credentials have expired and could not be renewed; retrying",
-                error=str(exc) or type(exc).__name__,
-                expires_at=credentials.expires_at.isoformat(),
-            )
+            failure = exc
+        else:
+            return True
+        self.log.error(
+            "the agent's NATS credentials cannot be renewed yet; retrying",
+            error=str(failure) or type(failure).__name__,
+            expires_at=credentials.expires_at.isoformat(),
+        )
+        return None
 
     def _nats_credential_options(self, stop: asyncio.Event) -> dict[str, Any]:
         """JWT mode: sign in with the agent's own NATS user (docs/nats-security.md)."""
@@ -269,9 +325,13 @@ class Supervisor:
         def closed_by_server() -> None:
             metrics.NATS_CONNECTED.set(0)
             if not self._closing.is_set() and not stop.is_set():
-                # nats-py gives up after the server refused us (revoked or expired credentials)
-                self.log.error("nats closed the connection and refuses this agent; stopping")
-                stop.set()
+                # nats-py gives up after the server closed us (expired or revoked credentials): go
+                # back to connecting, which renews over HTTP and stops only if the API refuses
+                self.log.warning(
+                    "nats closed the connection for good; renewing the credentials over http",
+                    expired=credentials.expired(),
+                )
+                self._connection_closed.set()
 
         return credentials.connect_options(closed_by_server)
 
