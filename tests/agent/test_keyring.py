@@ -13,11 +13,13 @@ import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rahatback_agent import jobs
+from rahatback_agent import keyring as keyring_module
 from rahatback_agent.decrypt import decrypt_main
 from rahatback_agent.keyring import Keyring, KeyringError, fingerprint
 from rahatback_agent.main import main
@@ -137,6 +139,53 @@ def test_keys_from_a_key_file_and_a_key_command(tmp_path: Path) -> None:
     with pytest.raises(KeyringError, match="exited with 1: no such secret: vault-2"):
         keyring.key("vault-2")
     assert keyring.key(made.key_id) == source.key(made.key_id)
+
+
+def test_the_key_command_runs_once_per_key_and_a_failure_is_retried_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heartbeat asks for held keys every few seconds: a vault script must not run every time,
+    a key it gave once stays reported when the vault fails later, and a failing script is retried
+    by the heartbeat only after a pause (a job that needs the key asks at once)."""
+    vault_key = os.urandom(32)
+    calls, vault_down = tmp_path / "calls", tmp_path / "vault-down"
+    script = tmp_path / "vault-get"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import sys, base64, pathlib\n"
+        f"with open({str(calls)!r}, 'a') as f: f.write(sys.argv[1] + '\\n')\n"
+        f"if pathlib.Path({str(vault_down)!r}).exists(): sys.exit('vault sealed')\n"
+        f"print(base64.b64encode(bytes.fromhex('{vault_key.hex()}')).decode())\n"
+    )
+    script.chmod(0o700)
+    keyring = Keyring(tmp_path / "agent.keys.json", key_command=str(script), key_command_ids=["v-1", "v-2"])
+    clock = [1000.0]
+    monkeypatch.setattr(keyring_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+
+    def ran() -> list[str]:
+        return calls.read_text().split() if calls.exists() else []
+
+    expected = {"v-1": fingerprint("v-1", vault_key), "v-2": fingerprint("v-2", vault_key)}
+    for _ in range(5):
+        assert {h.key_id: h.fingerprint for h in keyring.held()} == expected
+    assert sorted(ran()) == ["v-1", "v-2"]
+    vault_down.touch()  # a vault that fails now: the keys it gave stay reported, nothing runs
+    assert {h.key_id: h.fingerprint for h in keyring.held()} == expected
+    assert keyring.job_key("v-1", expected["v-1"]) == vault_key and len(ran()) == 2
+
+    # a key the vault failed to give: the heartbeat tries once, then waits before trying again
+    fresh = Keyring(tmp_path / "agent.keys.json", key_command=str(script), key_command_ids=["v-3"])
+    for _ in range(5):
+        assert fresh.held() == []
+    assert ran().count("v-3") == 1
+    with pytest.raises(KeyringError, match="exited with 1: vault sealed"):
+        fresh.key("v-3")  # a job asks at once
+    assert ran().count("v-3") == 2
+    vault_down.unlink()
+    assert fresh.held() == []  # within the pause
+    clock[0] += keyring_module.KEY_COMMAND_RETRY_SECONDS
+    assert [h.key_id for h in fresh.held()] == ["v-3"]
+    assert [h.key_id for h in fresh.held()] == ["v-3"] and ran().count("v-3") == 3
 
 
 def test_fingerprint_mismatch_and_missing_key_are_clear_errors(tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ from rahatback_agent.keyring import fingerprint
 from rahatback_agent.sealing import open_job_key
 from rahatback_api.columns import utcnow
 from rahatback_api.db import session_scope
+from rahatback_api.keys import custody
+from rahatback_api.keys.models import CustomerKeyHolder
 from rahatback_api.models import Agent, OutboxMessage
 from rahatback_api.operations import service
 from rahatback_api.scheduling import service as scheduling
@@ -58,6 +60,16 @@ async def report_keys(tenant: Tenant, agent: Agent, keys: dict[str, bytes | str]
     beat = m.Heartbeat(agent_id=agent.id, version="0.1.0", at=utcnow(), keys=held)
     async with session_scope(tenant.sessionmaker) as session:
         await service.record_heartbeat(session, beat, agent.id, OFFLINE)
+
+
+async def stop_reporting(tenant: Tenant, agent: Agent, keys: dict[str, bytes | str]) -> None:
+    """Heartbeats of `agent` listing only `keys` for longer than custody.HOLDER_GRACE (its other
+    keys were last seen that long ago), then one more."""
+    async with session_scope(tenant.sessionmaker) as session:
+        rows = await session.execute(select(CustomerKeyHolder).where(CustomerKeyHolder.agent_id == agent.id))
+        for row in rows.scalars():
+            row.last_seen_at = utcnow() - custody.HOLDER_GRACE - timedelta(seconds=1)
+    await report_keys(tenant, agent, keys)
 
 
 async def bound_database(client: httpx.AsyncClient, tenant: Tenant, agent: Agent | None) -> str:
@@ -186,7 +198,7 @@ async def test_the_backup_command_names_the_key_and_carries_no_key_material(
     )
 
     # the agent dropped the key from its keyring: the next run is refused before any command
-    await report_keys(tenant, alpha, {})
+    await stop_reporting(tenant, alpha, {})
     refused = await client.post(f"/v1/backups/jobs/{job['id']}/run", headers=tenant.headers)
     assert refused.status_code == 409
     assert "agent 'alpha' does not hold backup key 'ck-alpha'" in refused.json()["detail"]
@@ -347,9 +359,19 @@ async def test_heartbeats_record_holders_and_drop_keys_no_longer_reported(
     assert set(listed) == {"ck-a", "ck-b"}
     assert [h["agent_id"] for h in listed["ck-a"]["holders"]] == [alpha.id]
 
+    async def holders() -> dict[str, list[str]]:
+        listed = (await client.get("/v1/keys", headers=tenant.headers)).json()
+        return {k["key_id"]: [h["agent_id"] for h in k["holders"]] for k in listed}
+
+    # a heartbeat or two without a key (a vault call that failed, a keyring unreadable for a moment)
+    # does not take it away from the agent
     await report_keys(tenant, alpha, {"ck-a": KEY_A})
-    listed = {k["key_id"]: k for k in (await client.get("/v1/keys", headers=tenant.headers)).json()}
-    assert listed["ck-b"]["holders"] == [] and len(listed["ck-a"]["holders"]) == 1
+    await report_keys(tenant, alpha, {})
+    assert await holders() == {"ck-a": [alpha.id], "ck-b": [alpha.id]}
+
+    # still not reported once it was last seen HOLDER_GRACE ago: the agent no longer holds it
+    await stop_reporting(tenant, alpha, {"ck-a": KEY_A})
+    assert await holders() == {"ck-a": [alpha.id], "ck-b": []}
 
     other = await make_tenant()
     assert (await client.get("/v1/keys", headers=other.headers)).json() == []

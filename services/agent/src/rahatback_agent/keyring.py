@@ -22,6 +22,7 @@ import shlex
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,6 +56,10 @@ _FINGERPRINT_DOMAIN = b"rahatback/backup-key-fingerprint/v1\x00"
 # no ":" — managed key ids are "<job id>:<generation>", so the two kinds never collide
 KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KEY_COMMAND_TIMEOUT_SECONDS = 30.0
+# a key command that failed is not run again for the heartbeat before this long (a vault that hangs
+# would otherwise hold up every heartbeat by the timeout); a backup or restore that needs the key
+# always asks again
+KEY_COMMAND_RETRY_SECONDS = 60.0
 
 
 class KeyringError(Exception):
@@ -152,7 +157,11 @@ class Keyring:
         self.key_command = key_command
         self.key_command_ids = [check_key_id(k) for k in key_command_ids]
         self._lock = threading.Lock()
-        self._from_command: dict[str, bytes] = {}  # asked once per process
+        # asked once per key id and process, once it worked: the heartbeat (every few seconds, in a
+        # thread) and a job must not both run the vault script, nor run it again and again
+        self._from_command: dict[str, bytes] = {}
+        self._command_locks = {key_id: threading.Lock() for key_id in self.key_command_ids}
+        self._command_failed_at: dict[str, float] = {}  # time.monotonic() of the last failure
 
     @classmethod
     def beside(cls, config: Path, **sources: Any) -> Keyring:
@@ -232,9 +241,27 @@ class Keyring:
                 found.append(_Entry(KeyInfo(key_id, fingerprint(key_id, key), "file"), key))
         return found
 
-    def _command_key(self, key_id: str) -> bytes:
-        if key_id in self._from_command:
-            return self._from_command[key_id]
+    def _command_key(self, key_id: str, *, for_heartbeat: bool = False) -> bytes:
+        with self._command_locks[key_id]:
+            if key_id in self._from_command:
+                return self._from_command[key_id]
+            failed_at = self._command_failed_at.get(key_id)
+            if for_heartbeat and failed_at is not None:
+                wait = KEY_COMMAND_RETRY_SECONDS - (time.monotonic() - failed_at)
+                if wait > 0:
+                    raise KeyringError(
+                        f"the key command for {key_id!r} failed; it is tried again in {wait:.0f} s"
+                    )
+            try:
+                key = self._run_key_command(key_id)
+            except KeyringError:
+                self._command_failed_at[key_id] = time.monotonic()
+                raise
+            self._from_command[key_id] = key
+            self._command_failed_at.pop(key_id, None)
+            return key
+
+    def _run_key_command(self, key_id: str) -> bytes:
         assert self.key_command is not None
         argv = [*shlex.split(self.key_command), key_id]
         try:
@@ -253,14 +280,13 @@ class Keyring:
         key = keys.get(key_id, keys.get(""))
         if key is None:
             raise KeyringError(f"the key command's output for {key_id!r} holds another key id")
-        self._from_command[key_id] = key
         return key
 
-    def infos(self) -> list[KeyInfo]:
+    def infos(self, *, for_heartbeat: bool = False) -> list[KeyInfo]:
         infos = [e.info for e in self._entries()]
         for key_id in self.key_command_ids:
             try:
-                key = self._command_key(key_id)
+                key = self._command_key(key_id, for_heartbeat=for_heartbeat)
             except KeyringError as exc:
                 log.warning("backup key not available from the key command", key_id=key_id, error=str(exc))
                 continue
@@ -270,7 +296,8 @@ class Keyring:
     def held(self) -> list[HeldKey]:
         """What the heartbeat reports; an unreadable keyring is logged and reported as empty."""
         try:
-            return [HeldKey(key_id=i.key_id, fingerprint=i.fingerprint) for i in self.infos()]
+            infos = self.infos(for_heartbeat=True)
+            return [HeldKey(key_id=i.key_id, fingerprint=i.fingerprint) for i in infos]
         except (KeyringError, OSError) as exc:
             log.warning("keyring unreadable", path=str(self.path), error=str(exc))
             return []

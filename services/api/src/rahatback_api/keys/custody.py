@@ -34,6 +34,10 @@ FINGERPRINT = re.compile(r"^[0-9a-f]{32}$")
 MAX_REPORTED_KEYS = 1000
 # a heartbeat every few seconds must not write every time: last-seen moves at most this often
 SEEN_RESOLUTION = timedelta(minutes=1)
+# an agent that stops reporting a key stays its holder until it was last seen this long ago (so for
+# one to two minutes, as last-seen lags up to SEEN_RESOLUTION): one failed key command (a vault that
+# timed out) or a keyring unreadable for a few heartbeats must not take the key away from its jobs
+HOLDER_GRACE = timedelta(minutes=2)
 
 
 def is_customer_key_id(key_id: str) -> bool:
@@ -156,8 +160,9 @@ async def check_job_customer_key(session: AsyncSession, job: BackupJob, key_id: 
 
 
 async def record_held_keys(session: AsyncSession, agent: Agent, reported: Sequence[m.HeldKey]) -> None:
-    """Apply one heartbeat's key list: new holders and keys are recorded, keys the agent no longer
-    reports lose it as a holder. Malformed entries are skipped (the agent is untrusted)."""
+    """Apply one heartbeat's key list: new holders and keys are recorded, keys the agent has not
+    reported for HOLDER_GRACE lose it as a holder. Malformed entries are skipped (the agent is
+    untrusted)."""
     now = utcnow()
     wanted: dict[str, str] = {}
     for held in reported[:MAX_REPORTED_KEYS]:
@@ -168,7 +173,7 @@ async def record_held_keys(session: AsyncSession, agent: Agent, reported: Sequen
     query = select(CustomerKeyHolder).where(CustomerKeyHolder.agent_id == agent.id)
     current = {h.key_id: h for h in (await session.execute(query)).scalars()}
     for key_id, gone in current.items():
-        if key_id not in wanted:
+        if key_id not in wanted and now - gone.last_seen_at >= HOLDER_GRACE:
             await session.delete(gone)
     for key_id, fingerprint in wanted.items():
         holder = current.get(key_id)

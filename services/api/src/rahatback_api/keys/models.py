@@ -31,8 +31,8 @@ class CustomerKey(SQLModel, table=True):
 
 
 class CustomerKeyHolder(SQLModel, table=True):
-    """One agent currently reporting one key id (with the fingerprint it reports); removed when the
-    agent stops reporting it."""
+    """One agent reporting one key id (with the fingerprint it reports); removed once the agent has
+    not reported it for `custody.HOLDER_GRACE` (a missed heartbeat or two does not remove it)."""
 
     __tablename__ = "customer_key_holders"
     __table_args__ = (UniqueConstraint("agent_id", "key_id"),)
