@@ -346,3 +346,14 @@ async def test_an_agent_whose_jwt_expires_while_connected_renews_over_http_and_s
             agent.cancel()
             await asyncio.gather(agent, return_exceptions=True)
         await heard.unsubscribe()
+
+
+@pytest.mark.parametrize("issued_at", [10**400, -(10**400), -1])
+async def test_renewal_over_http_answers_422_for_an_issued_at_out_of_range(
+    jwt_api: JwtApi, issued_at: int
+) -> None:
+    enrolled = await jwt_api.enroll(nats_jwt.new_nkey("user"))
+    body = {"agent_id": enrolled["agent_id"], "issued_at": issued_at, "signature": "AAAA"}
+    response = await jwt_api.client.post("/v1/agents/nats-credentials", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", "issued_at"]

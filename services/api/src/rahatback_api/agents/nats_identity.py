@@ -287,7 +287,8 @@ PROOF_WINDOW_SECONDS = 300
 
 class NatsCredentialsProof(BaseModel):
     agent_id: str = Field(pattern=r"^[0-9a-f]{32}$")
-    issued_at: int = Field(description="unix seconds; within 5 minutes of the API's clock")
+    # bounded so that comparing it with the clock cannot overflow a float (a 500 on a public route)
+    issued_at: int = Field(ge=0, le=2**40, description="unix seconds; within 5 minutes of the API's clock")
     signature: str = Field(
         max_length=200,
         description="base64 ed25519 signature of renewal_proof(agent_id, issued_at) by its nkey",
