@@ -357,3 +357,37 @@ async def test_renewal_over_http_answers_422_for_an_issued_at_out_of_range(
     response = await jwt_api.client.post("/v1/agents/nats-credentials", json=body)
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["loc"] == ["body", "issued_at"]
+
+
+async def test_a_nats_key_already_registered_cannot_be_enrolled_again_even_from_another_org(
+    jwt_api: JwtApi,
+) -> None:
+    """Revocations are keyed by public key: a second agent on a victim's key would be revoked with it
+    (or revoke it). The key is refused with a 409; the token stays usable with a key of its own."""
+    from rahatback_agent.identity import generate_private_key, public_key_b64
+    from rahatback_api.auth.service import bootstrap_admin
+    from rahatback_api.db import session_scope
+
+    victim_key = nats_jwt.new_nkey("user")
+    victim = await jwt_api.enroll(victim_key)
+    async with session_scope(jwt_api.app.state.sessionmaker) as session:
+        _, _, other_admin = await bootstrap_admin(
+            session, "mallory@example.com", "another long password", "Evil"
+        )
+    headers = {"Authorization": f"Bearer {other_admin}"}
+    created = await jwt_api.client.post("/v1/agents/enrollment-tokens", json={}, headers=headers)
+    token = created.json()["token"]
+    body = {"token": token, "name": "copycat", "x25519_public_key": public_key_b64(generate_private_key())}
+
+    response = await jwt_api.client.post(
+        "/v1/agents/enroll", json={**body, "nats_public_key": victim_key.public}
+    )
+    assert response.status_code == 409, response.text
+    assert "already registered" in response.json()["detail"]
+    own = await jwt_api.client.post(
+        "/v1/agents/enroll", json={**body, "nats_public_key": nats_jwt.new_nkey("user").public}
+    )
+    assert own.status_code == 201, own.text
+    async with jwt_api.app.state.sessionmaker() as session:
+        row = await session.get(Agent, victim["agent_id"])
+        assert row is not None and row.nats_public_key == victim_key.public and row.revoked_at is None

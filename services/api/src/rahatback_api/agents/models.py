@@ -43,7 +43,8 @@ class Agent(SQLModel, table=True):
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     # operator/JWT mode (docs/nats-security.md): the agent's NATS user public key (`U…`, its seed
     # never leaves the agent) and when the last user JWT minted for it expires
-    nats_public_key: str | None = Field(default=None, max_length=56)
+    # unique: revocations are keyed by it, so one key must never stand for two agents
+    nats_public_key: str | None = Field(default=None, max_length=56, unique=True, index=True)
     nats_jwt_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 

@@ -139,7 +139,9 @@ class NatsAuthority:
         agent.nats_jwt_expires_at = expires_at
         return IssuedCredentials(jwt=token, expires_at=expires_at)
 
-    def enroll(self, agent: Agent, nats_public_key: str | None) -> IssuedCredentials:
+    async def enroll(
+        self, session: AsyncSession, agent: Agent, nats_public_key: str | None
+    ) -> IssuedCredentials:
         if nats_public_key is None:
             raise AppError(
                 "this control plane runs NATS in operator/JWT mode: the agent must send its NATS "
@@ -148,9 +150,20 @@ class NatsAuthority:
                 field="nats_public_key",
             )
         try:
-            agent.nats_public_key = nats_jwt.check_public_key(nats_public_key, "user")
+            public_key = nats_jwt.check_public_key(nats_public_key, "user")
         except nats_jwt.NatsJwtError as exc:
             raise AppError(f"nats_public_key: {exc}", 422, field="nats_public_key") from None
+        # revocations are keyed by public key: a second agent on the same key (say, enrolled in
+        # another org by someone who learnt it) would be cut off with it, or cut the first one off
+        taken = await session.scalar(select(Agent.id).where(col(Agent.nats_public_key) == public_key))
+        if taken is not None:
+            raise AppError(
+                "this NATS public key is already registered to an agent; the agent makes a new key at "
+                "every enrollment, so run `rahatback-agent enroll` again",
+                409,
+                field="nats_public_key",
+            )
+        agent.nats_public_key = public_key
         return self.issue(agent)
 
     # ------------------------------------------------------------------ revocations

@@ -92,7 +92,7 @@ async def enroll(
         storages=body.storages,
     )
     # JWT mode: a short-lived user JWT for the agent's own nkey (docs/nats-security.md)
-    nats_credentials = authority.enroll(agent, body.nats_public_key) if authority else None
+    nats_credentials = await authority.enroll(session, agent, body.nats_public_key) if authority else None
     session.add(agent)
     await session.flush()
     # the agent may only bind to its consumer, never create one: make it before the agent asks

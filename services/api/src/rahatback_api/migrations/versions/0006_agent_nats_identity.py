@@ -23,9 +23,12 @@ def upgrade() -> None:
     with op.batch_alter_table("agents", schema=None) as batch_op:
         batch_op.add_column(sa.Column("nats_public_key", sa.String(length=56), nullable=True))
         batch_op.add_column(sa.Column("nats_jwt_expires_at", UTCDateTime(), nullable=True))
+        # revocations are keyed by the public key: one key must never stand for two agents
+        batch_op.create_index(batch_op.f("ix_agents_nats_public_key"), ["nats_public_key"], unique=True)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("agents", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_agents_nats_public_key"))
         batch_op.drop_column("nats_jwt_expires_at")
         batch_op.drop_column("nats_public_key")
