@@ -391,3 +391,68 @@ async def test_a_nats_key_already_registered_cannot_be_enrolled_again_even_from_
     async with jwt_api.app.state.sessionmaker() as session:
         row = await session.get(Agent, victim["agent_id"])
         assert row is not None and row.nats_public_key == victim_key.public and row.revoked_at is None
+
+
+async def test_the_api_starts_while_the_revocation_push_fails_and_pushes_once_nats_takes_it(
+    jwt_api: JwtApi, nats_jwt_server: JwtNats, tmp_path: Path
+) -> None:
+    """Every API start re-pushes the revocations (a server may have lost them). A push that fails
+    must not stop the API from starting: it is retried in the background and /readyz says how it
+    went; once it lands, the revoked agent is refused again."""
+    import shutil
+
+    from rahatback_api.agents.nats_identity import CLAIMS_UPDATE
+    from rahatback_api.db import run_migrations
+    from rahatback_api.main import create_app
+
+    from tests.security.conftest import jwt_settings
+
+    user = nats_jwt.new_nkey("user")
+    enrolled = await jwt_api.enroll(user)
+    agent = NatsCredentials(agent_identity(enrolled, user, nats_jwt_server.url), tmp_path / "agent.json")
+    await jwt_api.ok("POST", f"/v1/agents/{enrolled['agent_id']}/revoke")
+    await assert_refused(nats_jwt_server.url, **agent.connect_options(lambda: None))
+
+    async def agent_connects() -> bool:
+        try:
+            nc = await nats.connect(
+                nats_jwt_server.url, allow_reconnect=False, **agent.connect_options(lambda: None)
+            )
+        except nats.errors.Error:
+            return False
+        await nc.close()
+        return True
+
+    # the server loses the revocation (say, re-seeded with the setup's original account JWT)
+    system = await nats.connect(
+        nats_jwt_server.url, user_credentials=str(nats_jwt_server.creds("api-system"))
+    )
+    await system.request(CLAIMS_UPDATE, jwt_api.app.state.nats_authority.account_jwt({}).encode(), timeout=5)
+    await system.close()
+    assert await agent_connects()
+
+    # an API replica starts while its system user cannot connect (the creds are not there yet)
+    later = tmp_path / "api-system-later.creds"
+    settings = jwt_settings(nats_jwt_server, tmp_path, nats_system_creds=later)
+    await run_migrations(settings.database_url)
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client,
+    ):
+        for _ in range(50):  # the first push is under way
+            ready = await client.get("/readyz")
+            if ready.json()["nats_revocations"] != "pending":
+                break
+            await asyncio.sleep(0.1)
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["nats_revocations"].startswith("retrying: "), ready.text
+        assert await agent_connects()
+
+        shutil.copy(nats_jwt_server.creds("api-system"), later)
+        for _ in range(150):
+            if (await client.get("/readyz")).json()["nats_revocations"] == "ok":
+                break
+            await asyncio.sleep(0.1)
+        assert (await client.get("/readyz")).json()["nats_revocations"] == "ok"
+        await assert_refused(nats_jwt_server.url, **agent.connect_options(lambda: None))

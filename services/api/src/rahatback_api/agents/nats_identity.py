@@ -10,6 +10,7 @@ mode and none of this is active.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -46,6 +47,8 @@ CLAIMS_UPDATE = "$SYS.REQ.CLAIMS.UPDATE"
 RENEWALS_QUEUE = "api-credentials"
 # a revoked agent's entry stays in the account JWT until every JWT it could hold has expired
 REVOCATION_MARGIN = timedelta(hours=1)
+# the start-up push of the revocations retries in the background, 1 s doubling up to this
+PUSH_RETRY_CAP_SECONDS = 60.0
 
 
 class NatsIdentityError(RuntimeError):
@@ -99,6 +102,9 @@ class NatsAuthority:
         self.nats_url = nats_url
         self.system_creds = system_creds
         self._last_account_iat = 0
+        # whether the servers hold the current revocations, for /readyz: "pending" until the first
+        # push, "ok" after a push landed, "retrying: <why>" while the start-up push keeps failing
+        self.revocations_state = "pending"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NatsAuthority | None:
@@ -217,8 +223,26 @@ class NatsAuthority:
         answer = json.loads(reply.data)
         if "error" in answer:
             raise NatsIdentityError(f"NATS refused the account update: {answer['error']}")
+        self.revocations_state = "ok"
         log.info("nats.account_updated", revocations=len(revocations))
         return len(revocations)
+
+    async def push_revocations_until_done(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        """The start-up push, retried with backoff: a brief NATS problem must not stop the API from
+        starting (and crash-loop it). Done as soon as any push lands (a revoke pushes too)."""
+        delay = 1.0
+        while self.revocations_state != "ok":
+            try:
+                async with session_scope(sessions) as session:
+                    await self.push_revocations(session)
+            except Exception as exc:
+                if self.revocations_state == "ok":
+                    return
+                reason = f"{type(exc).__name__}: {exc}"[:300]
+                self.revocations_state = f"retrying: {reason}"
+                log.warning("nats.revocations_not_pushed", error=reason, retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PUSH_RETRY_CAP_SECONDS)
 
 
 class CredentialRenewals:
@@ -273,8 +297,9 @@ NatsAuthorityDep = Annotated[NatsAuthority | None, Depends(_authority)]
 @asynccontextmanager
 async def nats_identity_lifespan(app: FastAPI) -> AsyncIterator[None]:
     """After the bus is up: load the signing material, re-push the revocations (a server may have
-    missed the last push, or been restored from the setup's original account JWT) and answer
-    renewals. Plain mode: nothing."""
+    missed the last push, or been restored from the setup's original account JWT; retried in the
+    background until it lands, /readyz shows how it went) and answer renewals. Plain mode:
+    nothing."""
     settings: Settings = app.state.settings
     authority = NatsAuthority.from_settings(settings)
     app.state.nats_authority = authority
@@ -282,13 +307,14 @@ async def nats_identity_lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         return
     sessions: async_sessionmaker[AsyncSession] = app.state.sessionmaker
-    async with session_scope(sessions) as session:
-        await authority.push_revocations(session)
+    pushing = asyncio.create_task(authority.push_revocations_until_done(sessions), name="nats-revocations")
     renewals = CredentialRenewals(authority, sessions)
-    await renewals.start(app.state.bus.nc)
     try:
+        await renewals.start(app.state.bus.nc)
         yield
     finally:
+        pushing.cancel()
+        await asyncio.gather(pushing, return_exceptions=True)
         await renewals.stop()
 
 

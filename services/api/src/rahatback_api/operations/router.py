@@ -303,6 +303,8 @@ async def readyz(request: Request) -> JSONResponse:
     bus: Bus | None = getattr(request.app.state, "bus", None)
     checks["nats"] = "ok" if bus is not None and bus.connected else "error: not connected"
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse(
-        {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
-    )
+    body: dict[str, object] = {"status": "ready" if ready else "not ready", "checks": checks}
+    authority = getattr(request.app.state, "nats_authority", None)
+    if authority is not None:  # JWT mode; informational: the API serves while the push is retried
+        body["nats_revocations"] = authority.revocations_state
+    return JSONResponse(body, status_code=200 if ready else 503)
