@@ -27,7 +27,7 @@ from rahatback_scheduler.metrics import Metrics
 from rahatback_scheduler.scheduler import Scheduler
 from rahatback_scheduler.settings import SchedulerSettings
 
-from tests.security.conftest import ConnectAs, JwtNats, Watched, assert_refused
+from tests.security.conftest import ConnectAs, JwtApi, JwtNats, Watched, assert_refused
 
 pytestmark = pytest.mark.integration
 
@@ -297,3 +297,23 @@ async def test_the_api_cannot_speak_as_an_agent(api: Bus, connect_as: ConnectAs)
     ):
         await api_user.nc.publish(subject, b"{}")
         await api_user.violation(f'publish to "{subject}"')
+
+
+async def test_the_api_system_user_listens_only_on_its_own_inbox_and_still_pushes_revocations(
+    jwt_api: JwtApi, connect_as: ConnectAs
+) -> None:
+    """The system-account user sees the whole SYS account's traffic if it may subscribe to every
+    inbox there: it gets `_INBOX.api-system.>` only, and the revocation push still works."""
+    system = await connect_as(service="api-system")
+    for subject in ("_INBOX.>", "_INBOX.other.>", "$SYS.>"):
+        await system.nc.subscribe(subject)
+        await system.violation(f'subscription to "{subject}"')
+
+    user = nats_jwt.new_nkey("user")
+    enrolled = await jwt_api.enroll(user)
+    agent = await connect_as(agent_id=enrolled["agent_id"], user=user, jwt=enrolled["nats_jwt"])
+    revoked = await jwt_api.ok("POST", f"/v1/agents/{enrolled['agent_id']}/revoke")
+    assert revoked["nats_user_revoked"] is True
+    await asyncio.wait_for(agent.closed.wait(), 5)  # the pushed account JWT closed it
+    async with jwt_api.app.state.sessionmaker() as session:
+        assert await jwt_api.app.state.nats_authority.push_revocations(session) >= 1

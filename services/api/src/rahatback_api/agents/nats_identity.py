@@ -38,7 +38,7 @@ from rahatback_api.agents.models import Agent
 from rahatback_api.columns import utcnow
 from rahatback_api.db import SessionDep, session_scope
 from rahatback_api.errors import AppError
-from rahatback_api.security import nats_jwt
+from rahatback_api.security import nats_jwt, nats_setup
 from rahatback_api.settings import ConfigurationError, Settings
 
 log = structlog.get_logger(__name__)
@@ -213,6 +213,7 @@ class NatsAuthority:
             servers=[self.nats_url],
             name="rahatback-api-system",
             user_credentials=str(self.system_creds),
+            inbox_prefix=nats_setup.API_SYSTEM_INBOX,  # all the system user may subscribe to
             allow_reconnect=False,
             connect_timeout=5,
         )

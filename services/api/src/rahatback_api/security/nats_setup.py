@@ -123,10 +123,12 @@ def service_permissions() -> dict[str, dict[str, Any]]:
     }
 
 
-# the system-account user the API uses to push account JWT updates (revocations), nothing more
+# the system-account user the API uses to push account JWT updates (revocations), nothing more: its
+# replies come on its own inbox prefix, never on every inbox of the SYS account
+API_SYSTEM_INBOX = "_INBOX.api-system"
 API_SYSTEM_PERMISSIONS: dict[str, Any] = {
     "pub_allow": ["$SYS.REQ.CLAIMS.UPDATE", "$SYS.REQ.ACCOUNT.*.CLAIMS.UPDATE"],
-    "sub_allow": ["_INBOX.>"],
+    "sub_allow": [f"{API_SYSTEM_INBOX}.>"],
 }
 
 
