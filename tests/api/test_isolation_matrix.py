@@ -5,7 +5,10 @@ and fails here until it checks tenancy and roles):
   organization Y's real resource gets 404;
 - a viewer gets 403 from the role check on every mutating route, with a body that would otherwise be
   valid;
-- each of those requests is in the audit log, under the user who made it.
+- each of those requests is in the audit log, under the user who made it;
+- an operator walks every route of its own organization, reads included, and gets the admin role
+  check's 403 from exactly the routes listed in ADMIN_ONLY (a new admin-only route must be listed
+  there) and no 403 from any other.
 """
 
 from __future__ import annotations
@@ -50,6 +53,32 @@ SELF_SERVICE = {
     ("POST", "/v1/tokens"): "a personal token for oneself; it acts with the caller's own role, never more",
     ("DELETE", "/v1/tokens/{token_id}"): "revoking one's own token",
 }
+
+# Routes that need the admin role (or owner): an operator is refused these and only these.
+ADMIN_ONLY = {
+    ("POST", "/v1/agents/enrollment-tokens"),
+    ("POST", "/v1/agents/{agent_id}/revoke"),
+    ("GET", "/v1/audit"),
+    ("DELETE", "/v1/backups/jobs/{job_id}"),
+    ("POST", "/v1/backups/keys/{key_id}/export"),
+    ("POST", "/v1/databases"),
+    ("PATCH", "/v1/databases/{database_id}"),
+    ("DELETE", "/v1/databases/{database_id}"),
+    ("GET", "/v1/members"),
+    ("POST", "/v1/members"),
+    ("PATCH", "/v1/members/{user_id}"),
+    ("DELETE", "/v1/members/{user_id}"),
+    ("POST", "/v1/notifications/channels"),
+    ("PATCH", "/v1/notifications/channels/{channel_id}"),
+    ("DELETE", "/v1/notifications/channels/{channel_id}"),
+    ("POST", "/v1/storages"),
+    ("PATCH", "/v1/storages/{storage_id}"),
+    ("DELETE", "/v1/storages/{storage_id}"),
+}
+ADMIN_REFUSAL = "this needs the admin role or higher; you are operator"
+# Responses that never end by themselves, left out of the operator's walk (ASGITransport waits for
+# the whole body), each with who may read it.
+STREAMS = {("GET", "/v1/events"): "any member: server-sent events of the caller's organization"}
 
 
 @dataclass
@@ -245,10 +274,44 @@ async def test_every_endpoint_hides_other_tenants_and_refuses_viewers(
         assert (viewer_id, method, path, 403) in audited, (method, path)
 
 
+async def test_operators_are_refused_exactly_the_admin_routes(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    make_tenant: TenantFactory,
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    y = await make_tenant()
+    ours = await resources_of(client, y, sessionmaker)
+    operator = await y.member("operator")
+    wrongly_refused = []
+    not_refused = []
+    walked = set()
+    for endpoint in endpoints(app):
+        key = (endpoint.method, endpoint.path)
+        if key in PUBLIC or key in STREAMS:
+            continue
+        walked.add(key)
+        target = url(endpoint, ours)
+        r = await client.request(endpoint.method, target, json=body_for(endpoint, ours), headers=operator)
+        if key in ADMIN_ONLY:
+            if (r.status_code, r.text) != (403, f'{{"detail":"{ADMIN_REFUSAL}"}}'):
+                not_refused.append((*key, str(r.status_code), r.text[:200]))
+        elif r.status_code == 403:
+            wrongly_refused.append((*key, r.text[:200]))
+    assert not_refused == [], "an operator must be refused every admin-only route"
+    assert wrongly_refused == [], (
+        "an operator was refused a route not in ADMIN_ONLY: list it there if it is admin-only"
+    )
+    assert walked >= ADMIN_ONLY
+    assert {"GET", "POST", "PATCH", "DELETE"} <= {method for method, _ in walked - ADMIN_ONLY}
+
+
 def test_the_allow_lists_name_real_routes(app: FastAPI) -> None:
     known = {(e.method, e.path) for e in endpoints(app)}
     assert set(PUBLIC) <= known
     assert set(SELF_SERVICE) <= known
+    assert known >= ADMIN_ONLY
+    assert set(STREAMS) <= known
     assert set(BODIES) <= known
 
 
