@@ -456,3 +456,19 @@ async def test_the_api_starts_while_the_revocation_push_fails_and_pushes_once_na
             await asyncio.sleep(0.1)
         assert (await client.get("/readyz")).json()["nats_revocations"] == "ok"
         await assert_refused(nats_jwt_server.url, **agent.connect_options(lambda: None))
+
+
+async def test_an_agent_enrolled_in_plain_mode_is_refused_in_jwt_mode_and_revoke_says_so(
+    jwt_api: JwtApi, nats_jwt_server: JwtNats
+) -> None:
+    enrolled = await jwt_api.enroll(nats_jwt.new_nkey("user"))
+    async with jwt_api.app.state.sessionmaker() as session:  # as if enrolled before the switch
+        row = await session.get(Agent, enrolled["agent_id"])
+        assert row is not None
+        row.nats_public_key, row.nats_jwt_expires_at = None, None
+        await session.commit()
+    await assert_refused(nats_jwt_server.url)  # what a plain-mode agent does: no credentials
+
+    revoked = await jwt_api.ok("POST", f"/v1/agents/{enrolled['agent_id']}/revoke")
+    assert revoked["nats_user_revoked"] is False
+    assert "already refuse it" in revoked["detail"] and "enroll it anew" in revoked["detail"]

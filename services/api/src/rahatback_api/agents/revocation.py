@@ -139,7 +139,11 @@ async def revoke(
             "still connect); it gets no more commands"
         )
     else:
-        detail = "the agent was enrolled in plain mode and has no NATS identity of its own to revoke"
+        detail = (
+            "the agent was enrolled while NATS ran in plain mode: it has no NATS user, so the servers "
+            "(now in JWT mode) already refuse it; nothing more to revoke. To use that host again, "
+            "enroll it anew"
+        )
     assert agent.revoked_at is not None
     return AgentRevoked(
         agent_id=agent.id,
