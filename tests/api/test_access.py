@@ -32,7 +32,7 @@ async def test_an_admin_adds_a_member_who_logs_in_with_that_role_then_changes_an
     )
     assert r.status_code == 201, r.text
     added = r.json()
-    assert (added["email"], added["role"], added["new_user"]) == ("new.person@example.com", "operator", True)
+    assert (added["email"], added["role"]) == ("new.person@example.com", "operator")
     assert NEW_PASSWORD not in r.text
 
     member = bearer(await login(client, "new.person@example.com", NEW_PASSWORD))
@@ -68,7 +68,7 @@ async def test_adding_an_existing_user_keeps_their_password(
     r = await client.post(
         "/v1/members", json={"email": b.email, "role": "viewer", "password": NEW_PASSWORD}, headers=a.headers
     )
-    assert (r.status_code, r.json()["new_user"]) == (201, False)
+    assert (r.status_code, r.json()["email"], r.json()["role"]) == (201, b.email, "viewer")
     # an admin of A cannot take over B's owner by "adding" them with a password of A's choosing
     assert (await login(client, b.email, NEW_PASSWORD, a.org_id)).status_code == 401
     in_a = bearer(await login(client, b.email, PASSWORD, a.org_id))
@@ -76,18 +76,49 @@ async def test_adding_an_existing_user_keeps_their_password(
     in_b = bearer(await login(client, b.email, PASSWORD, b.org_id))
     assert (await client.get("/v1/me", headers=in_b)).json()["role"] == "owner"
 
-    again = await client.post("/v1/members", json={"email": b.email, "role": "admin"}, headers=a.headers)
+    again = await client.post(
+        "/v1/members", json={"email": b.email, "role": "admin", "password": NEW_PASSWORD}, headers=a.headers
+    )
     assert (again.status_code, again.json()["field"]) == (409, "email")
 
 
 async def test_a_new_email_needs_an_initial_password(client: httpx.AsyncClient, tenant: Tenant) -> None:
     r = await client.post("/v1/members", json={"email": "nobody@example.com"}, headers=tenant.headers)
     assert (r.status_code, r.json()["field"]) == (422, "password")
-    assert "initial password" in r.json()["detail"]
+    assert "initial password of at least 12 characters" in r.json()["detail"]
     short = await client.post(
         "/v1/members", json={"email": "nobody@example.com", "password": "short"}, headers=tenant.headers
     )
     assert (short.status_code, short.json()["field"]) == (422, "password")
+    assert (await client.get("/v1/members", headers=tenant.headers)).json()[1:] == []
+
+
+async def test_the_answer_does_not_say_whether_the_email_has_an_account(
+    client: httpx.AsyncClient, make_tenant: TenantFactory
+) -> None:
+    a, b = await make_tenant(), await make_tenant()
+    unknown = "never-registered@example.com"
+
+    def shape(r: httpx.Response) -> tuple[int, object]:
+        body = r.json()
+        if isinstance(body, dict) and r.status_code == 201:
+            return r.status_code, sorted(body)  # ids and times differ, the fields must not
+        return r.status_code, body
+
+    for body in ({}, {"password": "short"}):
+        answers = [
+            await client.post("/v1/members", json={"email": email, **body}, headers=a.headers)
+            for email in (b.email, unknown)
+        ]
+        assert answers[0].status_code == 422
+        assert shape(answers[0]) == shape(answers[1]), body
+    added = [
+        await client.post("/v1/members", json={"email": email, "password": NEW_PASSWORD}, headers=a.headers)
+        for email in (b.email, unknown)
+    ]
+    assert [r.status_code for r in added] == [201, 201]
+    assert shape(added[0]) == shape(added[1]) == (201, ["created_at", "email", "role", "user_id"])
+    assert [r.json()["email"] for r in added] == [b.email, unknown]
 
 
 async def test_nobody_grants_a_role_above_their_own(client: httpx.AsyncClient, tenant: Tenant) -> None:

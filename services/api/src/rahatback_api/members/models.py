@@ -16,10 +16,6 @@ class MemberPublic(BaseModel):
     created_at: datetime  # when they joined this organization
 
 
-class MemberCreated(MemberPublic):
-    new_user: bool  # False: the email already had an account, whose password stays as it was
-
-
 class MemberCreate(BaseModel):
     email: str = Field(min_length=3, max_length=320)
     role: Role = "viewer"
@@ -27,7 +23,8 @@ class MemberCreate(BaseModel):
         default=None,
         min_length=1,
         max_length=1024,
-        description="initial password (12+ characters); needed, and used, only when no user has this email",
+        description="initial password (12+ characters): always needed, used only if the email has no "
+        "account yet (an existing account keeps its own)",
     )
 
 

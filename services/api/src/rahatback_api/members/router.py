@@ -6,7 +6,7 @@ from rahatback_api.auth.deps import AdminPrincipal
 from rahatback_api.auth.models import Membership, User
 from rahatback_api.db import SessionDep
 from rahatback_api.members import service
-from rahatback_api.members.models import MemberCreate, MemberCreated, MemberPublic, MemberUpdate
+from rahatback_api.members.models import MemberCreate, MemberPublic, MemberUpdate
 
 router = APIRouter(prefix="/v1/members", tags=["members"])
 
@@ -25,11 +25,12 @@ async def list_members(principal: AdminPrincipal, session: SessionDep) -> list[M
     return [_public(m, u) for m, u in await service.list_members(session, principal.org_id)]
 
 
-@router.post("", response_model=MemberCreated, status_code=status.HTTP_201_CREATED)
-async def add_member(body: MemberCreate, principal: AdminPrincipal, session: SessionDep) -> MemberCreated:
-    """Add a user by email; creates the user (with `password`) when the email has no account yet."""
-    membership, user, created = await service.add_member(session, principal, body)
-    return MemberCreated(**_public(membership, user).model_dump(), new_user=created)
+@router.post("", response_model=MemberPublic, status_code=status.HTTP_201_CREATED)
+async def add_member(body: MemberCreate, principal: AdminPrincipal, session: SessionDep) -> MemberPublic:
+    """Add a person by email with this role, creating their account (with `password`) if there is none.
+
+    The answer does not say which: an existing account is added as it is, keeping its own password."""
+    return _public(*await service.add_member(session, principal, body))
 
 
 @router.patch("/{user_id}", response_model=MemberPublic)

@@ -16,6 +16,7 @@ from rahatback_api.auth.models import ROLE_RANK, ApiToken, Membership, Role, Use
 from rahatback_api.columns import utcnow
 from rahatback_api.errors import AppError, Conflict, NotFound
 from rahatback_api.members.models import MemberCreate
+from rahatback_api.security.passwords import hash_password
 
 
 async def list_members(session: AsyncSession, org_id: str) -> list[tuple[Membership, User]]:
@@ -70,22 +71,27 @@ async def _keep_an_owner(session: AsyncSession, org_id: str, leaving_user_id: st
 
 async def add_member(
     session: AsyncSession, principal: Principal, body: MemberCreate
-) -> tuple[Membership, User, bool]:
-    """Returns the membership, the user and whether the user was created for it."""
+) -> tuple[Membership, User]:
+    """Adds the person with this email, creating their account if there is none.
+
+    The answer is the same whether the account existed or not (the password is always required and
+    checked, and hashed either way so the timing matches): an admin must not learn who has an account
+    on this server. An existing account keeps its own password; `body.password` is then discarded.
+    """
     _check_can_grant(principal, body.role)
     email = auth_service.normalize_email(body.email)
+    if body.password is None or len(body.password) < auth_service.MIN_PASSWORD_LENGTH:
+        raise AppError(
+            f"give an initial password of at least {auth_service.MIN_PASSWORD_LENGTH} characters: it is "
+            "used only if this email has no account yet",
+            422,
+            field="password",
+        )
     user = (await session.execute(select(User).where(User.email == email))).scalar_one_or_none()
-    created = user is None
     if user is None:
-        if not body.password:
-            raise AppError(
-                "no user has this email yet: give an initial password "
-                f"(at least {auth_service.MIN_PASSWORD_LENGTH} characters) to create one",
-                422,
-                field="password",
-            )
         user = await auth_service.create_user(session, email, body.password)
     else:
+        hash_password(body.password)  # the work create_user would have done, so the timing matches
         existing = await session.execute(
             select(Membership.id).where(Membership.org_id == principal.org_id, Membership.user_id == user.id)
         )
@@ -97,7 +103,7 @@ async def add_member(
     membership = Membership(org_id=principal.org_id, user_id=user.id, role=body.role)
     session.add(membership)
     await session.flush()
-    return membership, user, created
+    return membership, user
 
 
 async def change_role(
