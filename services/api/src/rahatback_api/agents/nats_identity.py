@@ -22,7 +22,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
-import nats
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Request
 from nats.aio.client import Client
@@ -209,15 +208,16 @@ class NatsAuthority:
         close the revoked users' connections at once and refuse them afterwards."""
         revocations = await self.revocations(session)
         token = self.account_jwt(revocations)
-        nc = await nats.connect(
-            servers=[self.nats_url],
-            name="rahatback-api-system",
-            user_credentials=str(self.system_creds),
-            inbox_prefix=nats_setup.API_SYSTEM_INBOX,  # all the system user may subscribe to
-            allow_reconnect=False,
-            connect_timeout=5,
-        )
-        try:
+        nc = Client()
+        try:  # closed even when refused: nats-py leaves the socket of a refused connection open
+            await nc.connect(
+                servers=[self.nats_url],
+                name="rahatback-api-system",
+                user_credentials=str(self.system_creds),
+                inbox_prefix=nats_setup.API_SYSTEM_INBOX,  # all the system user may subscribe to
+                allow_reconnect=False,
+                connect_timeout=5,
+            )
             reply = await nc.request(CLAIMS_UPDATE, token.encode(), timeout=5)
         finally:
             await nc.close()
@@ -228,22 +228,28 @@ class NatsAuthority:
         log.info("nats.account_updated", revocations=len(revocations))
         return len(revocations)
 
-    async def push_revocations_until_done(self, sessions: async_sessionmaker[AsyncSession]) -> None:
-        """The start-up push, retried with backoff: a brief NATS problem must not stop the API from
-        starting (and crash-loop it). Done as soon as any push lands (a revoke pushes too)."""
+    async def try_push_revocations(self, sessions: async_sessionmaker[AsyncSession]) -> bool:
+        """One push in its own transaction; a failure is logged and kept for /readyz, never raised."""
+        try:
+            async with session_scope(sessions) as session:
+                await self.push_revocations(session)
+        except Exception as exc:
+            if self.revocations_state == "ok":  # a revoke's push landed meanwhile
+                return True
+            reason = f"{type(exc).__name__}: {exc}"[:300]
+            self.revocations_state = f"retrying: {reason}"
+            log.warning("nats.revocations_not_pushed", error=reason)
+            return False
+        return True
+
+    async def retry_push_revocations(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        """Retry a failed start-up push with backoff until it, or any revoke's push, lands."""
         delay = 1.0
         while self.revocations_state != "ok":
-            try:
-                async with session_scope(sessions) as session:
-                    await self.push_revocations(session)
-            except Exception as exc:
-                if self.revocations_state == "ok":
-                    return
-                reason = f"{type(exc).__name__}: {exc}"[:300]
-                self.revocations_state = f"retrying: {reason}"
-                log.warning("nats.revocations_not_pushed", error=reason, retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, PUSH_RETRY_CAP_SECONDS)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PUSH_RETRY_CAP_SECONDS)
+            if self.revocations_state != "ok":
+                await self.try_push_revocations(sessions)
 
 
 class CredentialRenewals:
@@ -308,14 +314,19 @@ async def nats_identity_lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         return
     sessions: async_sessionmaker[AsyncSession] = app.state.sessionmaker
-    pushing = asyncio.create_task(authority.push_revocations_until_done(sessions), name="nats-revocations")
+    # a brief NATS problem must not stop the API from starting (and crash-loop it): a failed push
+    # is retried in the background
+    pushing: asyncio.Task[None] | None = None
+    if not await authority.try_push_revocations(sessions):
+        pushing = asyncio.create_task(authority.retry_push_revocations(sessions), name="nats-revocations")
     renewals = CredentialRenewals(authority, sessions)
     try:
         await renewals.start(app.state.bus.nc)
         yield
     finally:
-        pushing.cancel()
-        await asyncio.gather(pushing, return_exceptions=True)
+        if pushing is not None:
+            pushing.cancel()
+            await asyncio.gather(pushing, return_exceptions=True)
         await renewals.stop()
 
 
