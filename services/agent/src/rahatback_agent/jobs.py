@@ -48,7 +48,7 @@ from rahatback_contracts.messages import Engine as EngineName
 from . import __version__, tools
 from .artifact import ArtifactError
 from .engines.base import Connection, Engine, EngineError, TableCounts
-from .keyring import Keyring, KeyringError, job_key_for, only_key
+from .keyring import Keyring, KeyringError, artifact_key_lookup, job_key_for
 from .scratch_registry import ScratchRegistry
 from .sealing import SealingError, open_optional
 from .storages.base import ArtifactWriter, Storage, StorageError
@@ -392,12 +392,9 @@ async def run_restore(
             info = seal_info("restore", cmd.restore_id)
             db_secrets = open_optional(private_key, cmd.database.secrets, info)
             storage_secrets = open_optional(private_key, cmd.storage.secrets, info)
-            job_key: Callable[[str], bytes] | None = None
-            found = job_key_for(cmd.encryption, private_key=private_key, info=info, keyring=keyring)
-            if found is not None:
-                job_key = only_key(found[1], found[0])
-            elif cmd.encrypted:
-                raise SealingError("the artifact is encrypted but the restore command carries no job key")
+            job_key = artifact_key_lookup(
+                cmd.encryption, cmd.encrypted, "restore", private_key=private_key, info=info, keyring=keyring
+            )
 
             set_stage("downloading")
             engine = get_engine(cmd.database.engine)

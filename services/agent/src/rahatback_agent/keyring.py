@@ -34,13 +34,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rahatback_contracts.messages import EncryptionSpec, HeldKey
 
 from .private_files import write_private_atomic
-from .sealing import open_job_key
+from .sealing import SealingError, open_job_key
 
 __all__ = [
     "EXPORT_FORMAT",
     "KeyInfo",
     "Keyring",
     "KeyringError",
+    "artifact_key_lookup",
     "fingerprint",
     "job_key_for",
     "keys_main",
@@ -365,6 +366,25 @@ def job_key_for(
     if spec.job_key is None:
         return None
     return open_job_key(private_key, spec.job_key, info), spec.key_id
+
+
+def artifact_key_lookup(
+    spec: EncryptionSpec | None,
+    encrypted: bool,
+    what: str,
+    *,
+    private_key: X25519PrivateKey,
+    info: str,
+    keyring: Keyring | None,
+) -> Callable[[str], bytes] | None:
+    """What reading an artifact needs (restore, verify): the command's key, bound to its key id;
+    None for an unencrypted artifact. An encrypted one without a key is refused, naming `what`."""
+    found = job_key_for(spec, private_key=private_key, info=info, keyring=keyring)
+    if found is not None:
+        return only_key(found[1], found[0])
+    if encrypted:
+        raise SealingError(f"the artifact is encrypted but the {what} command carries no job key")
+    return None
 
 
 def only_key(key_id: str | None, key: bytes) -> Callable[[str], bytes]:

@@ -35,10 +35,10 @@ from . import tools
 from .artifact import ArtifactError
 from .engines.base import Connection, Engine, EngineError, ScratchDatabases
 from .jobs import ProgressState, _as_str_secrets, _report_failure, _scrub, describe_error, get_engine
-from .keyring import Keyring, job_key_for, only_key
+from .keyring import Keyring, artifact_key_lookup
 from .pipeline import Manifest, StreamDigests, manifest_key, restore_stream
 from .scratch_registry import ScratchEntry, ScratchRegistry
-from .sealing import SealingError, open_optional
+from .sealing import open_optional
 from .storages.base import Storage, StorageError
 from .storages.registry import get_storage
 
@@ -125,12 +125,9 @@ async def run_verify(
             info = seal_info("verify", cmd.verify_id)
             storage_secrets = open_optional(private_key, cmd.storage.secrets, info)
             secret_sets.append(storage_secrets)
-            job_key: Callable[[str], bytes] | None = None
-            found = job_key_for(cmd.encryption, private_key=private_key, info=info, keyring=keyring)
-            if found is not None:
-                job_key = only_key(found[1], found[0])
-            elif cmd.encrypted:
-                raise SealingError("the artifact is encrypted but the verify command carries no job key")
+            job_key = artifact_key_lookup(
+                cmd.encryption, cmd.encrypted, "verify", private_key=private_key, info=info, keyring=keyring
+            )
             scratch: _ScratchServer | None = None
             if cmd.level == "test_restore":
                 scratch = _scratch_server(cmd, private_key, info)
