@@ -461,10 +461,7 @@ def keys_main(argv: list[str]) -> int:
                 " recovery possible (`rahatback-agent decrypt ARTIFACT --key @FILE`), and whoever"
                 " holds it can read every backup made with this key"
             )
-    except KeyringError as exc:
-        print(f"rahatback-agent keys: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
+    except (KeyringError, OSError) as exc:
         print(f"rahatback-agent keys: {exc}", file=sys.stderr)
         return 1
     return 0
